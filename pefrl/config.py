@@ -1,0 +1,455 @@
+"""Typed run configuration.
+
+Every field carries a docstring (the string literal under it); `pefrl.config.reference()` turns them into the
+README's config reference, so the two cannot drift. A YAML file and `dotted.key=value` overrides are loaded
+strictly: an unknown key raises naming the key and the nearest valid one, a bad value raises naming the field.
+Derived sizes are properties, never fields filled in later.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """Base causal LM: a local directory or hub id. Empty: the embedded tiny arithmetic model (pefrl/assets)."""
+    dtype: str = "float32"
+    """Weights dtype of the frozen base: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint to run. Off unless you trust the checkpoint."""
+    critic: str = "adapter"
+    """How the critic is built: 'adapter' (its own LoRA adapter 'critic' + value head) or 'shared' (value head
+    on the policy's last hidden state: one forward gives logprobs and values, cheapest)."""
+    reference_adapter: str | None = None
+    """A LoRA-SFT adapter directory. When set, it is loaded frozen as the reference AND as the policy's start, so
+    the reference is the SFT model, not the raw base."""
+    quantization: str | None = None
+    """Load the base quantized with bitsandbytes: '4bit' or '8bit' (QLoRA style). Empty: not quantized."""
+    bnb_4bit_quant_type: str = "nf4"
+    """4-bit data type: 'nf4' or 'fp4'."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (slower)."""
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.critic", self.critic, ("adapter", "shared"))
+        _choice("model.quantization", self.quantization, (None, "4bit", "8bit"))
+        _choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank of the policy and critic adapters."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input. Keep 0 for RL: dropout makes old and new logprobs disagree."""
+    target_modules: list[str] | None = None
+    """Module names to adapt. Empty: attention and MLP projections for the architecture (see models.py)."""
+
+    def __post_init__(self):
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        _in_range("lora.dropout", self.dropout, 0.0, 1.0)
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "builtin:arithmetic"
+    """Prompt source: a JSONL/CSV/Parquet file, a `datasets` name or load_from_disk directory, or
+    'builtin:arithmetic' (the embedded model's training task)."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt text. Every other column is passed to reward functions by name."""
+    split: str = "train"
+    """Split to read when `prompts` is a datasets name or a DatasetDict."""
+    eval_prompts: str | None = "builtin:arithmetic-eval"
+    """Held-out prompts for evaluation, same forms as `prompts`. Empty: no evaluation."""
+    eval_size: int = 256
+    """How many held-out prompts an evaluation scores (the first N)."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are an error (named by index), never silently cut."""
+    chat_template: str = "auto"
+    """'auto': apply the tokenizer's chat template when it has one; 'on' requires one; 'off' uses raw text."""
+    shuffle: bool = True
+    """Shuffle prompts each pass over the data (seeded by train.seed)."""
+
+    def __post_init__(self):
+        _choice("data.chat_template", self.chat_template, ("auto", "on", "off"))
+        _positive("data.max_prompt_length", self.max_prompt_length)
+        _positive("data.eval_size", self.eval_size)
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 32
+    """Prompts per step on each process."""
+    num_samples: int = 1
+    """Completions sampled per prompt (k). Group baselines (rloo, grpo) need k >= 2."""
+    max_new_tokens: int = 16
+    """Longest completion in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature. Logprobs are taken of the same tempered distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    epsilon: float = 0.0
+    """Epsilon-greedy exploration: with this probability a token is drawn uniformly from the allowed set."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: generation of a sequence ends at the first one (EOS always stops)."""
+
+    def __post_init__(self):
+        _positive("rollout.batch_size", self.batch_size)
+        _positive("rollout.num_samples", self.num_samples)
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        if not self.temperature > 0:
+            raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
+        _in_range("rollout.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.top_k < 0:
+            raise ConfigError(f"rollout.top_k must be >= 0, got {self.top_k}")
+        _in_range("rollout.epsilon", self.epsilon, 0.0, 1.0)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated per step on each process."""
+        return self.batch_size * self.num_samples
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=list)
+    """Reward functions by import path, 'pkg.module:function' or 'path/to/file.py:function'. Signature:
+    fn(prompts: list[str], completions: list[str], **columns) -> list[float]."""
+    weights: list[float] | None = None
+    """One weight per reward function (default: all 1.0). The reward is the weighted sum."""
+    model: str | None = None
+    """A sequence-classification reward model directory; its score is added with weight `model_weight`."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score in the sum."""
+    on_error: str = "raise"
+    """A reward function that raises: 'raise' stops the run naming the sample; 'skip' scores it 0 and counts it."""
+    timeout_s: float = 0.0
+    """Per-call time limit of a reward function in seconds (0: none)."""
+
+    def __post_init__(self):
+        _choice("reward.on_error", self.on_error, ("raise", "skip"))
+        if self.weights is not None and len(self.weights) != len(self.functions):
+            raise ConfigError(
+                f"reward.weights has {len(self.weights)} entries but reward.functions has {len(self.functions)}"
+            )
+        if self.timeout_s < 0:
+            raise ConfigError(f"reward.timeout_s must be >= 0, got {self.timeout_s}")
+
+
+@dataclass
+class RLConfig:
+    """Hyperparameters of the RL update. Each algorithm reads the ones it needs (see pefrl/algorithms.py)."""
+
+    epochs: int = 2
+    """Passes over each rollout batch (PPO-style algorithms; a2c always does one)."""
+    minibatch_size: int = 16
+    """Sequences per optimizer step on each process; must divide rollout.num_sequences."""
+    grad_accum_steps: int = 1
+    """Micro-batches per minibatch: minibatch_size is split into this many forward/backward passes."""
+    gamma: float = 1.0
+    """Discount over response tokens."""
+    lam: float = 0.95
+    """GAE lambda (bias/variance trade-off of the advantage)."""
+    clip_range: float = 0.2
+    """Policy ratio clip epsilon (PPO, GRPO, RLOO)."""
+    value_clip_range: float = 0.2
+    """Value prediction clip around the rollout values (PPO). 0: no value clipping."""
+    vf_coef: float = 0.5
+    """Weight of the value loss in the total loss."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight: the loss subtracts entropy_coef * entropy."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the KL to the reference (in the reward for ppo/a2c/reinforce/rloo, in the loss
+    for grpo)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: 'k1' (log ratio), 'k2' (half squared log ratio) or 'k3' (Schulman 2020)."""
+    kl_target: float | None = None
+    """Adaptive KL controller target (Ziegler et al. 2019). Empty: fixed kl_coef."""
+    kl_horizon: int = 10000
+    """Adaptive KL controller horizon in samples."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards over the batch before GAE."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch (mean 0, std 1 over response tokens)."""
+    scale_by_std: bool = True
+    """GRPO: divide group-centred rewards by the group std (off: Dr. GRPO)."""
+    loss_aggregation: str = "token_mean"
+    """'token_mean' (all tokens weigh alike), 'sequence_mean' (mean per sequence, then over sequences) or
+    'fixed_length' (sum / (batch * max_new_tokens), Dr. GRPO)."""
+    baseline_decay: float = 0.9
+    """REINFORCE moving-average baseline decay."""
+    max_kl: float = 0.01
+    """TRPO: largest KL(old || new) a step may take."""
+    cg_iters: int = 10
+    """TRPO: conjugate-gradient iterations."""
+    cg_damping: float = 0.1
+    """TRPO: damping added to the Fisher-vector product."""
+    line_search_steps: int = 10
+    """TRPO: backtracking halvings before a step is rejected."""
+
+    def __post_init__(self):
+        _positive("rl.epochs", self.epochs)
+        _positive("rl.minibatch_size", self.minibatch_size)
+        _positive("rl.grad_accum_steps", self.grad_accum_steps)
+        if self.minibatch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"rl.minibatch_size ({self.minibatch_size}) must be divisible by rl.grad_accum_steps "
+                f"({self.grad_accum_steps})"
+            )
+        _in_range("rl.gamma", self.gamma, 0.0, 1.0)
+        _in_range("rl.lam", self.lam, 0.0, 1.0)
+        _choice("rl.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _choice("rl.loss_aggregation", self.loss_aggregation, ("token_mean", "sequence_mean", "fixed_length"))
+        for name in ("clip_range", "value_clip_range", "vf_coef", "entropy_coef", "kl_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"rl.{name} must be >= 0, got {getattr(self, name)}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ConfigError(f"rl.kl_target must be > 0, got {self.kl_target}")
+        _in_range("rl.baseline_decay", self.baseline_decay, 0.0, 1.0)
+        if not self.max_kl > 0:
+            raise ConfigError(f"rl.max_kl must be > 0, got {self.max_kl}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.minibatch_size // self.grad_accum_steps
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """RL steps (rollout + update). An online prompt source may end sooner."""
+    seed: int = 0
+    """Seed of data order, sampling and initialization."""
+    lr: float = 3e-4
+    """AdamW learning rate of the adapters and value head."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimizer steps, then constant."""
+    eval_every: int = 0
+    """Evaluate on data.eval_prompts every N steps (0: only before and after training)."""
+    save_every: int = 0
+    """Write a checkpoint every N steps (0: only the final adapters)."""
+    keep_last: int = 2
+    """Checkpoints to keep; older ones are deleted after a new one is safely written."""
+    resume: str | None = None
+    """'latest' (newest checkpoint in output_dir) or a checkpoint directory. Empty: start fresh."""
+    log_every: int = 1
+    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    samples_every: int = 0
+    """Log a table of sample prompts, completions and rewards every N steps (0: off)."""
+    trackers: list[str] = field(default_factory=list)
+    """Accelerate trackers, e.g. ['tensorboard'] or ['wandb']."""
+    max_bad_steps: int = 3
+    """Abort after this many consecutive updates with a non-finite loss or gradient (each one is skipped)."""
+
+    def __post_init__(self):
+        _positive("train.steps", self.steps)
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("max_grad_norm", "warmup_steps", "eval_every", "save_every", "samples_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _positive("train.keep_last", self.keep_last)
+        _positive("train.log_every", self.log_every)
+        _positive("train.max_bad_steps", self.max_bad_steps)
+
+
+ALGOS = ("ppo", "a2c", "reinforce", "rloo", "grpo", "reinforce_pp", "trpo")
+
+
+@dataclass
+class Config:
+    algo: str = "ppo"
+    """RL algorithm: ppo, a2c, reinforce, rloo, grpo, reinforce_pp or trpo."""
+    output_dir: str = "runs/default"
+    """Where metrics.jsonl, checkpoints and final/ adapters go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _choice("algo", self.algo, ALGOS)
+        n = self.rollout.num_sequences
+        if n % self.rl.minibatch_size:
+            raise ConfigError(
+                f"rl.minibatch_size ({self.rl.minibatch_size}) must divide rollout.batch_size * "
+                f"rollout.num_samples ({n})"
+            )
+        if self.algo in ("rloo", "grpo") and self.rollout.num_samples < 2:
+            raise ConfigError(f"algo {self.algo} needs rollout.num_samples >= 2 (a group baseline), got 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- validation helpers -------------------------------------------------------------------------------------
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from a YAML file (or defaults) plus `dotted.key=value` overrides; strict about keys and types."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return from_dict(Config, raw)
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping: unknown keys raise naming the nearest field, types are checked."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {sorted(fields)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, name + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, name)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 3e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --- reference docs -----------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> docstring, read from the string literal under each field in the class source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def reference() -> str:
+    """Markdown table of every config field: key, type, default, docstring."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tname = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
+            tname = tname or str(tp).replace("typing.", "").replace(" | ", " or ")
+            lines.append(f"| `{prefix}{f.name}` | {tname} | `{default!r}` | {docs.get(f.name, '')} |")
+
+    walk(Config, "")
+    return "\n".join(lines)

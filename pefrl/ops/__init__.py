@@ -1,0 +1,1 @@
+"""Pure tensor math: advantages, losses, KL estimators, logprobs. No models, no Accelerator."""

@@ -1,0 +1,92 @@
+"""Tiny causal LMs built offline from config, with a BPE tokenizer trained by `tokenizers`.
+
+Used by the tests (Llama, Qwen2 and GPT-2 architectures) and by scripts/build_tiny_model.py, which trains the
+embedded default model. Everything here runs in seconds on a CPU and touches no hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+def default_corpus() -> list[str]:
+    """A small mixed corpus: arithmetic lines and some English, so BPE has words and digits to learn."""
+    words = (
+        "the quick brown fox jumps over the lazy dog . what is the answer ? answer : question : "
+        "let us think step by step . the result is"
+    ).split()
+    lines = [f"{a}+{b}={a + b}" for a in range(0, 100, 3) for b in range(0, 100, 7)]
+    lines += [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    return lines
+
+
+def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with single-digit pre-splitting (as Llama does), plus <s>, </s> and <pad>."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus if corpus is not None else default_corpus()), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left"
+    )
+
+
+def build_model(
+    arch: str,
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 128,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A randomly initialized causal LM of the given architecture sized to `tokenizer`."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    torch.manual_seed(seed)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "gpt2":
+        cfg = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, **ids)
+        return GPT2LMHeadModel(cfg)
+    common = dict(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        **ids,
+    )
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    return Qwen2ForCausalLM(Qwen2Config(**common))
