@@ -1,0 +1,5 @@
+import sys
+
+from pefrl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,145 @@
+"""Prompt sources: files, `datasets` datasets, the builtin task, or any Python iterable (online data).
+
+A source yields rows: dicts with the prompt under `prompt_field` and any other columns, which reach reward
+functions by name. `PromptStream` hands out one global batch per step (every rank sees the same global batch
+and keeps its own slice), reshuffles each pass with a seed, and can report and restore its position so a
+resumed run sees the same prompts as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+BUILTINS = {"builtin:arithmetic": "train", "builtin:arithmetic-eval": "eval"}
+
+
+class DataError(ValueError):
+    """Prompt data is missing or malformed; the message names the file and row."""
+
+
+def load_rows(source: str, prompt_field: str = "prompt", split: str = "train") -> list[dict[str, Any]]:
+    """All rows of a finite prompt source, each checked to hold a string prompt."""
+    if source in BUILTINS:
+        from pefrl.tasks.arithmetic import problems
+
+        rows = problems(BUILTINS[source])
+    else:
+        path = Path(source)
+        if path.suffix in (".jsonl", ".json") and path.is_file():
+            rows = _read_jsonl(path)
+        elif path.suffix in (".csv", ".parquet") or path.is_dir() or not path.suffix:
+            rows = _read_datasets(source, split)
+        else:
+            raise DataError(f"prompt source {source} does not exist (a .jsonl/.csv/.parquet file, a dataset "
+                            f"directory or name, or one of {sorted(BUILTINS)})")
+    if not rows:
+        raise DataError(f"prompt source {source} holds no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row.get(prompt_field), str):
+            raise DataError(f"{source}: row {i} has no string field {prompt_field!r} (fields: {sorted(row)})")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_datasets(source: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    path = Path(source)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(source)
+    elif path.suffix in (".csv", ".parquet"):
+        if not path.is_file():
+            raise DataError(f"prompt file {source} does not exist")
+        ds = datasets.load_dataset(path.suffix[1:], data_files=source, split="train")
+    else:
+        ds = datasets.load_dataset(source)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"dataset {source} has no split {split!r} (splits: {list(ds)})")
+        ds = ds[split]
+    return [dict(r) for r in ds]
+
+
+class PromptStream:
+    """Global batches of rows, forever (finite data, reshuffled each pass) or until an iterable ends.
+
+    `state_dict()` / `load_state_dict()` give the position (pass number and offset) for exact resume.
+    """
+
+    def __init__(self, source: list[dict[str, Any]] | Iterable[dict[str, Any]], seed: int, shuffle: bool = True):
+        self.rows = source if isinstance(source, list) else None
+        self.iterator: Iterator[dict[str, Any]] | None = None if self.rows is not None else iter(source)
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.offset = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        if self.rows is None:
+            return []
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[dict[str, Any]] | None:
+        """`size` rows, or None when an online iterable has fewer left (the run ends there)."""
+        if self.rows is None:
+            batch = []
+            for row in self.iterator:
+                batch.append(row)
+                if len(batch) == size:
+                    self.offset += size
+                    return batch
+            return None
+        batch = []
+        while len(batch) < size:
+            if self.offset == len(self._order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._make_order()
+            take = self._order[self.offset : self.offset + size - len(batch)]
+            batch += [self.rows[i] for i in take]
+            self.offset += len(take)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self.rows is None:
+            # An online source cannot be rewound; skip what the interrupted run consumed.
+            for _ in range(state["offset"] - self.offset):
+                next(self.iterator, None)
+            self.offset = state["offset"]
+            return
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._order = self._make_order()
+
+
+def format_prompt(tokenizer, text: str, mode: str) -> str:
+    """Apply the tokenizer's chat template ('auto': when it has one; 'on': must have one; 'off': raw)."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if mode == "on" and not has_template:
+        raise DataError("data.chat_template is 'on' but the tokenizer has no chat template")
+    if mode == "off" or not has_template:
+        return text
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )

@@ -1,0 +1,67 @@
+"""Step metrics: one JSON object per line in output_dir/metrics.jsonl, a short progress line, trackers."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends one JSON line per step (main process only); the file is flushed every line so a crash keeps it."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, resume_step: int = 0):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step and self.path.exists():
+                # Drop lines of steps the resumed run will redo, so each step appears once.
+                kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) < resume_step]
+                self.path.write_text("".join(l + "\n" for l in kept))
+            elif not resume_step:
+                self.path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a pefrl run directory?")
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def progress_line(record: dict[str, Any], total_steps: int) -> str:
+    keys = [("reward_mean", "reward", "{:.3f}"), ("kl", "kl", "{:.4f}"), ("entropy", "ent", "{:.3f}"),
+            ("gen_tokens_per_s", "tok/s", "{:.0f}"), ("step_time_s", "s/step", "{:.2f}"),
+            ("eval_reward_mean", "eval", "{:.3f}")]
+    parts = [f"step {record['step'] + 1}/{total_steps}"]
+    parts += [f"{label} {fmt.format(record[k])}" for k, label, fmt in keys if record.get(k) is not None]
+    return " | ".join(parts)
+
+
+class Timer:
+    """Accumulates wall time per named stage: `with timer('gen'): ...`; `timer.times` holds seconds."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Span()

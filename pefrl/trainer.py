@@ -1,0 +1,298 @@
+"""The online RL loop: one flat function in numbered stages, the only place that touches the Accelerator.
+
+    1. prompts     this rank's slice of the global batch, each repeated rollout.num_samples times
+    2. generate    policy adapter, left-padded batches, KV cache
+    3. score       reward functions and/or reward model -> scores (B,)
+    4. no-grad     old logprobs (policy), reference logprobs (adapters off), values (critic)
+    5. targets     KL-shaped rewards and advantages, by the algorithm's registered function
+    6. update      epochs x minibatches x micro-batches, only adapter and value-head parameters
+    7. log         metrics.jsonl, progress line, trackers; evaluation and checkpoints
+
+Batch semantics: `rollout.batch_size` and `rl.minibatch_size` count sequences per process. With N processes
+one step consumes N * batch_size prompts (each rank a distinct slice); gradients of the trainable parameters
+are averaged over ranks before every optimizer step, so N ranks with batch b match one rank with batch N * b
+and minibatch N * m (up to floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from pefrl.algorithms import RolloutBatch, get_algorithm
+from pefrl.config import Config, save_config
+from pefrl.data import PromptStream, format_prompt, load_rows
+from pefrl.metrics import MetricsWriter, Timer, progress_line
+from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
+from pefrl.ops.advantages import masked_mean
+from pefrl.ops.kl import kl_estimate, make_kl_controller
+from pefrl.rewards import Scorer, build_scorer
+from pefrl.rollout import Rollout, generate
+
+
+def train(
+    cfg: Config,
+    extra_rewards: Sequence[tuple[str, Callable]] = (),
+    prompt_source: Iterable[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run cfg.train.steps RL steps; returns a summary (eval before/after, steps, seconds)."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.train.trackers or None,
+                              project_dir=cfg.output_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    algo = get_algorithm(cfg.algo)
+    torch.manual_seed(cfg.train.seed)  # identical adapter and value-head init on every rank
+    tokenizer = load_tokenizer(cfg.model)
+    models = load_models(cfg.model, cfg.lora, uses_critic=algo.uses_critic)
+    models.model.to(accelerator.device)
+    if models.value_head is not None:
+        models.value_head.to(accelerator.device)
+    scorer = build_scorer(cfg.reward, extra_rewards)
+    rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data.prompt_field, cfg.data.split)
+    stream = PromptStream(rows, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    eval_rows = _eval_rows(cfg)
+    params = models.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup = cfg.train.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    kl_ctl = make_kl_controller(cfg.rl)
+    algo_state: dict[str, float] = {}
+    torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # distinct samples per rank
+    writer = MetricsWriter(cfg.output_dir, enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    if cfg.train.trackers:
+        accelerator.init_trackers("pefrl", config=_flat(cfg.to_dict()))
+
+    summary: dict[str, Any] = {"algo": cfg.algo, "steps": 0}
+    if eval_rows:
+        summary["eval_before"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)
+        accelerator.print(f"eval before training: {summary['eval_before']:.3f}")
+    t_start, bad_steps, step = time.perf_counter(), 0, -1
+    for step in range(cfg.train.steps):
+        timer = Timer()
+        t0 = time.perf_counter()
+
+        # 1. prompts: this rank's slice of the global batch, each prompt repeated k times (rows k*i..k*i+k-1)
+        global_rows = stream.next_batch(cfg.rollout.batch_size * world)
+        if global_rows is None:
+            accelerator.print(f"prompt source ended after {step} steps")
+            break
+        my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
+        my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
+        texts = [row[cfg.data.prompt_field] for row in my_rows]
+        prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
+
+        # 2. generate with the policy adapter
+        with timer("generate"):
+            rollout = generate(models, tokenizer, prompts, cfg.rollout)
+
+        # 3. score: reward functions see the raw prompt text and every other column
+        with timer("score"):
+            columns = {k: [row[k] for row in my_rows] for k in my_rows[0] if k != cfg.data.prompt_field}
+            scores, reward_stats = scorer(texts, rollout.completions, columns)
+
+        # 4. old logprobs, reference logprobs and values, without grad
+        with timer("reference"):
+            batch, entropy = _no_grad_pass(models, rollout, scores.to(accelerator.device), cfg, algo.uses_critic)
+
+        # 5. rewards and advantages
+        kl_coef = kl_ctl.value
+        targets = algo.targets(batch, cfg.rl, kl_coef, algo_state)
+
+        # 6. update the adapters (and value head)
+        with timer("train"):
+            train_stats = _update(models, optimizer, scheduler, params, algo, batch, targets, kl_coef, rollout, cfg,
+                                  accelerator)
+        bad_steps = bad_steps + 1 if train_stats.get("skipped_updates", 0) else 0
+        if bad_steps >= cfg.train.max_bad_steps:
+            raise FloatingPointError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopping")
+
+        # 7. log, evaluate, checkpoint
+        kl_seq = (kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.rl.kl_estimator) * batch.response_mask).sum(-1)
+        kl_mean = accelerator.reduce(kl_seq.mean(), "mean").item()
+        kl_ctl.update(kl_mean, cfg.rollout.num_sequences * world)
+        record = {
+            "step": step,
+            "reward_mean": accelerator.reduce(scores.mean(), "mean").item(),
+            "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "kl": kl_mean,
+            "kl_coef": kl_coef,
+            "entropy": masked_mean(entropy, batch.response_mask).item(),
+            "response_length": batch.response_mask.sum(-1).mean().item(),
+            **{k: v for k, v in targets.stats.items()},
+            **train_stats,
+            **reward_stats,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+            record["eval_reward_mean"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)
+        record.update(_timing(timer, t0, batch.response_mask, accelerator))
+        writer.write(record)
+        if cfg.train.trackers:
+            accelerator.log(record, step=step)
+        if accelerator.is_main_process and (step + 1) % cfg.train.log_every == 0:
+            print(progress_line(record, cfg.train.steps), flush=True)
+
+    summary["steps"] = step + 1
+    summary["train_seconds"] = time.perf_counter() - t_start
+    if eval_rows:
+        summary["eval_after"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)
+        accelerator.print(f"eval after training: {summary['eval_after']:.3f}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_adapters(models, Path(cfg.output_dir) / "final")
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary
+
+
+def _eval_rows(cfg: Config) -> list[dict[str, Any]]:
+    if not cfg.data.eval_prompts:
+        return []
+    return load_rows(cfg.data.eval_prompts, cfg.data.prompt_field, cfg.data.split)[: cfg.data.eval_size]
+
+
+@torch.no_grad()
+def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: Config, uses_critic: bool):
+    """Old logprobs, reference logprobs and values for the whole rollout, micro-batch by micro-batch."""
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+    P, temperature = rollout.query_ids.shape[1], cfg.rollout.temperature
+    old, ref, values, entropy = [], [], [], []
+    shared = models.critic == "shared"
+    for idx in torch.arange(len(input_ids)).split(cfg.rl.micro_batch_size):
+        ids, mask = input_ids[idx], attention_mask[idx]
+        lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=uses_critic and shared)
+        old.append(lp)
+        entropy.append(ent)
+        ref.append(reference_logprobs(models, ids, mask, P, temperature))
+        if uses_critic:
+            values.append(v if shared else critic_values(models, ids, mask, P))
+    response_mask = rollout.response_mask
+    logprobs = torch.cat(old)
+    if rollout.behaviour_logprobs is not None:
+        # Epsilon-greedy sampled from a mixture, not from the policy: the ratio must use the behaviour logprobs.
+        logprobs = rollout.behaviour_logprobs
+    batch = RolloutBatch(
+        response_mask=response_mask,
+        logprobs=logprobs * response_mask,
+        ref_logprobs=torch.cat(ref) * response_mask,
+        scores=scores,
+        values=torch.cat(values) * response_mask if uses_critic else None,
+        num_samples=cfg.rollout.num_samples,
+    )
+    return batch, torch.cat(entropy)
+
+
+def _update(models, optimizer, scheduler, params, algo, batch, targets, kl_coef, rollout, cfg, accelerator) -> dict[str, float]:
+    """Epochs x minibatches of optimizer steps; each minibatch is split into micro-batches for memory."""
+    tensors = {"response_mask": batch.response_mask, "logprobs": batch.logprobs, "ref_logprobs": batch.ref_logprobs,
+               "advantages": targets.advantages}
+    if targets.returns is not None:
+        tensors["returns"] = targets.returns
+    if batch.values is not None:
+        tensors["values"] = batch.values
+    n = len(batch.response_mask)
+    epochs, mb_size = (1, n) if algo.single_update else (cfg.rl.epochs, cfg.rl.minibatch_size)
+    micro = min(cfg.rl.micro_batch_size, mb_size)
+    input_ids, attention_mask, P = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
+    totals: dict[str, float] = {}
+    count, skipped = 0, 0
+    for _ in range(epochs):
+        for mb_idx in torch.randperm(n).split(mb_size):
+            optimizer.zero_grad(set_to_none=True)
+            for micro_idx in mb_idx.split(micro):
+                mb = {k: v[micro_idx] for k, v in tensors.items()}
+                new_logprobs, entropy, new_values = _grad_forward(models, input_ids[micro_idx], attention_mask[micro_idx],
+                                                                  P, cfg, algo.uses_critic)
+                loss, stats = algo.loss(mb, new_logprobs, new_values, entropy, cfg.rl, kl_coef, cfg.rollout.max_new_tokens)
+                (loss * len(micro_idx) / len(mb_idx)).backward()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * len(micro_idx) / len(mb_idx)
+            count += 1
+            skipped += not _optimizer_step(optimizer, scheduler, params, cfg.train.max_grad_norm, accelerator)
+    out = {k: v / count for k, v in totals.items()}
+    out["skipped_updates"] = float(skipped)
+    return out
+
+
+def _grad_forward(models, input_ids, attention_mask, P, cfg, uses_critic):
+    """Policy logprobs and entropy (and values) with grad, for one micro-batch."""
+    shared = models.critic == "shared"
+    logprobs, entropy, values = policy_forward(models, input_ids, attention_mask, P, cfg.rollout.temperature,
+                                               with_values=uses_critic and shared)
+    if uses_critic and not shared:
+        values = critic_values(models, input_ids, attention_mask, P)
+    return logprobs, entropy, values
+
+
+def _optimizer_step(optimizer, scheduler, params, max_grad_norm: float, accelerator: Accelerator) -> bool:
+    """Average grads over ranks, clip, step. A non-finite gradient skips the step (params untouched)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if accelerator.num_processes > 1:
+        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce for all adapter grads
+        torch.distributed.all_reduce(flat)
+        flat /= accelerator.num_processes
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    scheduler.step()
+    return True
+
+
+def _timing(timer: Timer, t0: float, response_mask: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
+    step_time = time.perf_counter() - t0
+    tokens = accelerator.reduce(response_mask.sum(), "sum").item()
+    gen = timer.times.get("generate", 0.0)
+    return {
+        "step_time_s": step_time,
+        "gen_time_s": gen,
+        "score_time_s": timer.times.get("score", 0.0),
+        "reference_time_s": timer.times.get("reference", 0.0),
+        "train_time_s": timer.times.get("train", 0.0),
+        "gen_tokens_per_s": tokens / gen if gen > 0 else 0.0,
+    }
+
+
+@torch.no_grad()
+def evaluate(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, scorer: Scorer,
+             accelerator: Accelerator | None = None) -> float:
+    """Mean reward of greedy completions on held-out rows (each rank scores its shard)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    greedy = dataclasses.replace(cfg.rollout, top_k=1, epsilon=0.0)  # top-k 1 sampling is greedy decoding
+    my_rows = rows[rank::world]
+    total = torch.zeros(2)
+    size = cfg.rollout.num_sequences
+    for i in range(0, len(my_rows), size):
+        chunk = my_rows[i : i + size]
+        texts = [r[cfg.data.prompt_field] for r in chunk]
+        prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
+        rollout = generate(models, tokenizer, prompts, greedy)
+        columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != cfg.data.prompt_field}
+        scores, _ = scorer(texts, rollout.completions, columns)
+        total += torch.tensor([scores.sum().item(), len(chunk)])
+    if accelerator is not None and world > 1:
+        total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
