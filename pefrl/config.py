@@ -135,6 +135,18 @@ class RolloutConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str | None = None
+    """A multi-turn environment class by import path, 'pkg.module:Class' (see pefrl/envs.py). When set, each
+    episode's prompt comes from env.reset() and the environment answers every turn; data.prompts is unused."""
+    max_turns: int = 4
+    """Policy turns per episode before it is cut off."""
+
+    def __post_init__(self):
+        _positive("env.max_turns", self.max_turns)
+
+
+@dataclass
 class RewardConfig:
     functions: list[str] = field(default_factory=list)
     """Reward functions by import path, 'pkg.module:function' or 'path/to/file.py:function'. Signature:
@@ -294,6 +306,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
