@@ -1,8 +1,9 @@
-"""`pefrl` command line: train, export, plot, eval, init. Run `pefrl --help` for examples."""
+"""`pefrl` command line. Each subcommand lives in pefrl/commands/<name>.py; run `pefrl --help` for examples."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 EXAMPLES = """examples:
@@ -12,16 +13,9 @@ EXAMPLES = """examples:
 """
 
 
-def _train(args: argparse.Namespace) -> int:
-    from pefrl.config import load_config
-    from pefrl.trainer import train
-
-    cfg = load_config(args.config, args.overrides)
-    train(cfg)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from pefrl.commands import COMMANDS
+
     parser = argparse.ArgumentParser(
         prog="pefrl",
         description="Parameter-efficient RL fine-tuning of LLMs on LoRA adapters over one frozen base.",
@@ -29,11 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="run RL training from a YAML config",
-                       description="Run RL training. Overrides are dotted.key=value pairs, e.g. train.steps=10.")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (omit for all defaults)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.set_defaults(func=_train)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"pefrl.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"pefrl.commands.{name}":
+                raise
+            continue  # a subcommand not written yet
+        module.register(sub)
     return parser
 
 
