@@ -17,6 +17,7 @@ and minibatch N * m (up to floating-point summation order).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pefrl.algorithms import RolloutBatch, get_algorithm
+from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm
 from pefrl.config import Config, save_config
 from pefrl.data import PromptStream, format_prompt, load_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
@@ -37,15 +38,34 @@ from pefrl.rewards import Scorer, build_scorer
 from pefrl.rollout import Rollout, generate
 
 
-def train(
+@dataclass
+class Run:
+    """What a run holds, built once by `setup` and advanced by `train`: plain components, no behaviour."""
+
+    cfg: Config
+    accelerator: Accelerator
+    algo: Algorithm
+    tokenizer: Any
+    models: Models
+    scorer: Scorer
+    stream: PromptStream
+    eval_rows: list[dict[str, Any]]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kl_ctl: Any
+    algo_state: dict[str, float] = field(default_factory=dict)
+    start_step: int = 0
+
+
+def setup(
     cfg: Config,
     extra_rewards: Sequence[tuple[str, Callable]] = (),
     prompt_source: Iterable[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Run cfg.train.steps RL steps; returns a summary (eval before/after, steps, seconds)."""
+) -> Run:
+    """Load the base once, add adapters, build reward, data, optimizer and KL controller."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.train.trackers or None,
                               project_dir=cfg.output_dir)
-    rank, world = accelerator.process_index, accelerator.num_processes
     algo = get_algorithm(cfg.algo)
     torch.manual_seed(cfg.train.seed)  # identical adapter and value-head init on every rank
     tokenizer = load_tokenizer(cfg.model)
@@ -55,16 +75,28 @@ def train(
         models.value_head.to(accelerator.device)
     scorer = build_scorer(cfg.reward, extra_rewards)
     rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data.prompt_field, cfg.data.split)
-    stream = PromptStream(rows, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    eval_rows = _eval_rows(cfg)
     params = models.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    kl_ctl = make_kl_controller(cfg.rl)
-    algo_state: dict[str, float] = {}
+    return Run(cfg=cfg, accelerator=accelerator, algo=algo, tokenizer=tokenizer, models=models, scorer=scorer,
+               stream=PromptStream(rows, seed=cfg.train.seed, shuffle=cfg.data.shuffle), eval_rows=_eval_rows(cfg),
+               params=params, optimizer=optimizer, scheduler=scheduler, kl_ctl=make_kl_controller(cfg.rl))
+
+
+def train(
+    cfg: Config,
+    extra_rewards: Sequence[tuple[str, Callable]] = (),
+    prompt_source: Iterable[dict[str, Any]] | None = None,
+    run: Run | None = None,
+) -> dict[str, Any]:
+    """Run cfg.train.steps RL steps; returns a summary (eval before/after, steps, seconds)."""
+    run = run or setup(cfg, extra_rewards, prompt_source)
+    accelerator, algo, models, tokenizer, scorer = run.accelerator, run.algo, run.models, run.tokenizer, run.scorer
+    stream, eval_rows, kl_ctl, algo_state = run.stream, run.eval_rows, run.kl_ctl, run.algo_state
+    rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # distinct samples per rank
-    writer = MetricsWriter(cfg.output_dir, enabled=accelerator.is_main_process)
+    writer = MetricsWriter(cfg.output_dir, enabled=accelerator.is_main_process, resume_step=run.start_step)
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     if cfg.train.trackers:
@@ -74,8 +106,8 @@ def train(
     if eval_rows:
         summary["eval_before"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)
         accelerator.print(f"eval before training: {summary['eval_before']:.3f}")
-    t_start, bad_steps, step = time.perf_counter(), 0, -1
-    for step in range(cfg.train.steps):
+    t_start, bad_steps, step = time.perf_counter(), 0, run.start_step - 1
+    for step in range(run.start_step, cfg.train.steps):
         timer = Timer()
         t0 = time.perf_counter()
 
@@ -108,8 +140,7 @@ def train(
 
         # 6. update the adapters (and value head)
         with timer("train"):
-            train_stats = _update(models, optimizer, scheduler, params, algo, batch, targets, kl_coef, rollout, cfg,
-                                  accelerator)
+            train_stats = _update(run, batch, targets, kl_coef, rollout)
         bad_steps = bad_steps + 1 if train_stats.get("skipped_updates", 0) else 0
         if bad_steps >= cfg.train.max_bad_steps:
             raise FloatingPointError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopping")
@@ -129,7 +160,7 @@ def train(
             **{k: v for k, v in targets.stats.items()},
             **train_stats,
             **reward_stats,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": run.scheduler.get_last_lr()[0],
         }
         if eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             record["eval_reward_mean"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)
@@ -190,8 +221,9 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
     return batch, torch.cat(entropy)
 
 
-def _update(models, optimizer, scheduler, params, algo, batch, targets, kl_coef, rollout, cfg, accelerator) -> dict[str, float]:
+def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rollout) -> dict[str, float]:
     """Epochs x minibatches of optimizer steps; each minibatch is split into micro-batches for memory."""
+    cfg, algo, models = run.cfg, run.algo, run.models
     tensors = {"response_mask": batch.response_mask, "logprobs": batch.logprobs, "ref_logprobs": batch.ref_logprobs,
                "advantages": targets.advantages}
     if targets.returns is not None:
@@ -206,7 +238,7 @@ def _update(models, optimizer, scheduler, params, algo, batch, targets, kl_coef,
     count, skipped = 0, 0
     for _ in range(epochs):
         for mb_idx in torch.randperm(n).split(mb_size):
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             for micro_idx in mb_idx.split(micro):
                 mb = {k: v[micro_idx] for k, v in tensors.items()}
                 new_logprobs, entropy, new_values = _grad_forward(models, input_ids[micro_idx], attention_mask[micro_idx],
@@ -216,7 +248,7 @@ def _update(models, optimizer, scheduler, params, algo, batch, targets, kl_coef,
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * len(micro_idx) / len(mb_idx)
             count += 1
-            skipped += not _optimizer_step(optimizer, scheduler, params, cfg.train.max_grad_norm, accelerator)
+            skipped += not _optimizer_step(run)
     out = {k: v / count for k, v in totals.items()}
     out["skipped_updates"] = float(skipped)
     return out
@@ -232,8 +264,9 @@ def _grad_forward(models, input_ids, attention_mask, P, cfg, uses_critic):
     return logprobs, entropy, values
 
 
-def _optimizer_step(optimizer, scheduler, params, max_grad_norm: float, accelerator: Accelerator) -> bool:
+def _optimizer_step(run: Run) -> bool:
     """Average grads over ranks, clip, step. A non-finite gradient skips the step (params untouched)."""
+    params, accelerator, max_grad_norm = run.params, run.accelerator, run.cfg.train.max_grad_norm
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     if accelerator.num_processes > 1:
         flat = torch.cat([g.flatten() for g in grads])  # one all-reduce for all adapter grads
@@ -245,10 +278,10 @@ def _optimizer_step(optimizer, scheduler, params, max_grad_norm: float, accelera
             offset += g.numel()
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         return False
-    optimizer.step()
-    scheduler.step()
+    run.optimizer.step()
+    run.scheduler.step()
     return True
 
 
