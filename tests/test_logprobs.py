@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pefrl.ops.logprobs import chunked_logprobs, dense_logprobs, entropy_from_logits, selective_logprobs
+
+
+def test_selective_logprobs_hand_worked():
+    # logits [0, ln 3] -> softmax [1/4, 3/4]; at temperature 2 the logits halve: [0, ln 3 / 2] -> [1/(1+√3), √3/(1+√3)]
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])  # (1, 2, 2)
+    tokens = torch.tensor([[0, 1]])
+    lp = selective_logprobs(logits, tokens)
+    assert torch.allclose(lp, torch.tensor([[math.log(0.25), math.log(0.75)]]))
+    lp2 = selective_logprobs(logits, tokens, temperature=2.0)
+    s3 = math.sqrt(3.0)
+    assert torch.allclose(lp2, torch.tensor([[math.log(1 / (1 + s3)), math.log(s3 / (1 + s3))]]))
+
+
+def test_entropy_hand_worked():
+    # uniform over 4 tokens: ln 4; [1/4, 3/4]: -(1/4 ln 1/4 + 3/4 ln 3/4)
+    logits = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [0.0, math.log(3.0), -math.inf, -math.inf]]])
+    ent = entropy_from_logits(logits)
+    expected = [math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
+    assert torch.allclose(ent, torch.tensor([expected]), atol=1e-6)
+    # temperature -> large flattens the distribution towards uniform over all 4 finite logits
+    assert entropy_from_logits(logits[:, :1] * 5, temperature=1e6).item() == pytest.approx(math.log(4.0), abs=1e-5)
+
+
+def test_selective_matches_dense_in_bf16_and_many_rows():
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 2000, 50) * 4).to(torch.bfloat16)  # 6000 rows: crosses the row-chunk boundary
+    tokens = torch.randint(0, 50, (3, 2000))
+    assert torch.allclose(selective_logprobs(logits, tokens, 0.7), dense_logprobs(logits, tokens, 0.7), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_chunked_equals_dense_with_grads(chunk_size, with_entropy):
+    torch.manual_seed(0)
+    B, T, H, V = 2, 7, 8, 11
+    head = nn.Linear(H, V, bias=False)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    weights = torch.randn(B, T)  # an arbitrary downstream loss so every position's gradient matters
+
+    dense_logits = head(hidden)  # (B, T, V)
+    lp_ref = dense_logprobs(dense_logits, tokens, 0.8)
+    ent_ref = entropy_from_logits(dense_logits, 0.8)
+    loss_ref = (lp_ref * weights).sum() + (ent_ref.sum() if with_entropy else 0)
+    g_hidden_ref, g_head_ref = torch.autograd.grad(loss_ref, (hidden, head.weight))
+
+    lp, ent = chunked_logprobs(hidden, head, tokens, 0.8, chunk_size, with_entropy)
+    assert torch.allclose(lp, lp_ref, atol=1e-5)
+    assert (ent is not None) == with_entropy
+    loss = (lp * weights).sum()
+    if with_entropy:
+        assert torch.allclose(ent, ent_ref, atol=1e-5)
+        loss = loss + ent.sum()
+    g_hidden, g_head = torch.autograd.grad(loss, (hidden, head.weight))
+    assert torch.allclose(g_hidden, g_hidden_ref, atol=1e-5)
+    assert torch.allclose(g_head, g_head_ref, atol=1e-5)
+
+
+def test_chunked_without_grad_and_bad_chunk():
+    head = nn.Linear(4, 5)
+    hidden = torch.randn(1, 3, 4)
+    tokens = torch.tensor([[0, 4, 2]])
+    with torch.no_grad():
+        lp, ent = chunked_logprobs(hidden, head, tokens, 1.0, 2, False)
+        assert ent is None
+        assert torch.allclose(lp, dense_logprobs(head(hidden), tokens), atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_logprobs(hidden, head, tokens, 1.0, 0, False)
