@@ -1,0 +1,410 @@
+"""One frozen base, many roles (see DESIGN.md): LoRA adapters "policy" and "critic" on one base loaded once.
+
+```
+base (frozen) ── adapter "policy"      trained: the actor
+              ├─ adapter "critic"      trained, with `value_head` (model.critic='adapter')
+              ├─ adapters disabled     the reference policy (default)
+              └─ adapter "reference"   frozen LoRA-SFT adapter as reference (model.reference_adapter)
+```
+With model.critic='shared' the value head reads the policy's own last hidden state (one forward, cheapest).
+
+Sequences are `input_ids = cat(query_ids (B, P) left-padded, response_ids (B, T) right-padded)`; every
+function returns per-response-token tensors (B, T). Token t of the response is predicted at position P + t - 1,
+and its value is read there too (the state before the action, as in lm-human-preference-details).
+
+peft's `set_adapter` makes only the active adapter trainable; we train policy and critic adapters together, so
+`use_adapter` switches adapters without changing any `requires_grad` flag.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from pefrl.config import LoraConfig, ModelConfig
+from pefrl.ops.logprobs import chunked_logprobs, entropy_from_logits, selective_logprobs
+
+logger = logging.getLogger(__name__)
+
+POLICY, CRITIC, REFERENCE = "policy", "critic", "reference"
+LLAMA_LIKE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Attention and MLP projections of Llama, Qwen2, Mistral, Gemma and most decoder LMs since."""
+ARCH_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc")}
+"""Architectures whose projections have other names (GPT-2 uses transformers' Conv1D)."""
+HEADS_FILE, VALUE_HEAD_FILE = "pefrl_heads.json", "value_head.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- target modules -----------------------------------------------------------------------------------------
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the Linear / Conv1D layers LoRA could adapt, output embeddings excluded."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not out_emb and name
+    }
+    return sorted(names)
+
+
+def default_target_modules(model: PreTrainedModel) -> list[str]:
+    """Attention + MLP projections: Llama-like names when present, GPT-2's, else every linear but lm_head."""
+    existing = set(linear_module_names(model))
+    llama_like = [n for n in LLAMA_LIKE_TARGETS if n in existing]
+    if llama_like:
+        return llama_like
+    arch = ARCH_TARGETS.get(getattr(model.config, "model_type", ""))
+    if arch:
+        return [n for n in arch if n in existing]
+    return sorted(existing)
+
+
+def resolve_target_modules(model: PreTrainedModel, targets: list[str] | None) -> list[str]:
+    """`targets`, or the defaults when None; a name that matches no linear layer raises naming those that exist."""
+    if targets is None:
+        return default_target_modules(model)
+    existing = linear_module_names(model)
+    missing = [t for t in targets if t not in existing]
+    if missing or not targets:
+        raise ValueError(
+            f"lora.target_modules {missing or targets} match no linear layer of this "
+            f"{getattr(model.config, 'model_type', 'model')}; linear layers it has: {existing}"
+        )
+    return list(targets)
+
+
+# --- tokenizer and paths ------------------------------------------------------------------------------------
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything absolute, relative-marked or deeper is a local path."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def resolve_model_path(model_cfg: ModelConfig) -> str:
+    """model.name_or_path, or the embedded tiny arithmetic model when it is empty."""
+    name = model_cfg.name_or_path
+    if not name:
+        from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR  # lazy: only the default model needs the task
+
+        name = str(DEFAULT_MODEL_DIR)
+        if not Path(name).is_dir():
+            raise FileNotFoundError(
+                f"embedded default model missing at {name}; build it with scripts/build_tiny_model.py"
+            )
+        return name
+    if (_looks_local(name) or Path(name).exists()) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model.name_or_path {name} does not exist")
+    return str(Path(name).expanduser()) if _looks_local(name) else name
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The base's tokenizer, left-padded (generation appends on the right). No pad token: EOS pads, warned."""
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(
+                f"tokenizer of {resolve_model_path(model_cfg)} has neither a pad nor an EOS token; "
+                "add a pad token to it before RL fine-tuning"
+            )
+        warnings.warn(f"tokenizer has no pad token; using EOS {tok.eos_token!r} as pad", stacklevel=2)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# --- the model bundle ---------------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """Linear(hidden, 1) in fp32 on the last hidden state; init std 1/sqrt(H + 1) as in
+    lm-human-preference-details' scalar heads, so initial values are O(1) and the critic adapter gets gradient."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)  # (B, T, H) -> (B, T)
+
+
+@dataclass
+class Models:
+    """The frozen base with its adapters, and the value head. Temperature is the callers' business."""
+
+    model: PeftModel
+    """peft model over the frozen base; adapters 'policy' (+ 'critic', + 'reference')."""
+    value_head: ValueHead | None
+    """Value head (fp32) when the algorithm uses a critic, else None."""
+    critic: str
+    """'adapter' (own LoRA adapter 'critic' + head), 'shared' (head on the policy trunk) or 'none'."""
+    reference: str | None
+    """None: the reference is the base with adapters disabled; else the name of a frozen adapter."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Policy adapter, critic adapter and value head parameters: all the optimizer may touch."""
+        names = (POLICY, CRITIC) if self.critic == "adapter" else (POLICY,)
+        params = [
+            p for n, p in self.model.named_parameters() if "lora_" in n and any(f".{a}." in n for a in names)
+        ]
+        return params + (list(self.value_head.parameters()) if self.value_head is not None else [])
+
+
+def _load_base(model_cfg: ModelConfig) -> PreTrainedModel:
+    if model_cfg.quantization is not None:
+        raise NotImplementedError(
+            f"model.quantization={model_cfg.quantization!r} is not supported yet; load the base unquantized"
+        )
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model_cfg),
+        dtype=DTYPES[model_cfg.dtype],
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    base.requires_grad_(False)
+    _disable_dropout(base)
+    if model_cfg.gradient_checkpointing:
+        # non-reentrant: works although the inputs (embeddings of a frozen base) do not require grad
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    # Dropout makes the rollout's logprobs and the update's disagree at ratio 1 (TRL's disable_dropout_in_model
+    # does the same). Attention dropout is a float on Llama-like attention modules, an nn.Dropout on GPT-2.
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def _lora_config(base: PreTrainedModel, lora_cfg: LoraConfig) -> PeftLoraConfig:
+    targets = resolve_target_modules(base, lora_cfg.target_modules)
+    conv1d = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in targets for n, m in base.named_modules())
+    return PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets,
+        fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores weights transposed
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool) -> Models:
+    """Load the base once, freeze it, add the adapters and the value head.
+
+    With model.reference_adapter (a LoRA-SFT adapter directory) that adapter is loaded twice: frozen as
+    'reference' and trainable as 'policy', so RL starts from the SFT model and the KL is taken to it (not to
+    the raw base). The policy then keeps the SFT adapter's LoRA config (lora.r/alpha/targets apply to the
+    critic only).
+    """
+    base = _load_base(model_cfg)
+    peft_cfg = _lora_config(base, lora_cfg)  # before any wrapping: LoRA layers rename what they wrap
+    reference = None
+    if model_cfg.reference_adapter:
+        ref_dir = model_cfg.reference_adapter
+        if not Path(ref_dir).is_dir():
+            raise FileNotFoundError(f"model.reference_adapter {ref_dir} does not exist")
+        model = PeftModel.from_pretrained(base, ref_dir, adapter_name=POLICY, is_trainable=True)
+        model.load_adapter(ref_dir, adapter_name=REFERENCE, is_trainable=False)
+        reference = REFERENCE
+    else:
+        model = get_peft_model(base, copy.deepcopy(peft_cfg), adapter_name=POLICY)
+    critic = model_cfg.critic if uses_critic else "none"
+    if critic == "adapter":
+        model.add_adapter(CRITIC, copy.deepcopy(peft_cfg))
+    model.set_adapter(POLICY)
+    # Set every flag explicitly: peft's set_adapter/add_adapter leave only the active adapter trainable.
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name and (f".{POLICY}." in name or f".{CRITIC}." in name))
+    value_head = None
+    if uses_critic:
+        device = next(base.parameters()).device
+        value_head = ValueHead(base.config.get_text_config().hidden_size).to(device)
+    return Models(model=model, value_head=value_head, critic=critic, reference=reference)
+
+
+@contextmanager
+def use_adapter(models_or_model: Models | PeftModel, name: str | None) -> Iterator[None]:
+    """Run the block with adapter `name` active (None: all adapters disabled, i.e. the base).
+
+    Every requires_grad flag is kept as it was (peft's set_adapter / disable_adapter would freeze the inactive
+    adapters); the previous adapter and flags are restored even when the block raises.
+    """
+    model = models_or_model.model if isinstance(models_or_model, Models) else models_or_model
+    flags = {p: p.requires_grad for p in model.parameters()}
+    previous = model.active_adapter
+
+    def restore_flags() -> None:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+    with ExitStack() as stack:
+        try:
+            if name is None:
+                stack.enter_context(model.disable_adapter())
+            else:
+                if name not in model.peft_config:
+                    raise KeyError(f"no adapter {name!r}; adapters: {list(model.peft_config)}")
+                model.set_adapter(name)
+            restore_flags()
+            yield
+        finally:
+            stack.close()  # re-enables adapters if they were disabled
+            if model.active_adapter != previous:
+                model.set_adapter(previous)
+            restore_flags()
+
+
+# --- forward passes -----------------------------------------------------------------------------------------
+
+
+def _lm(models: Models) -> PreTrainedModel:
+    return models.model.get_base_model()  # the HF causal LM, LoRA layers injected in place
+
+
+def _response_hidden(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
+    """Last hidden states at the positions that predict the response tokens: (B, T, H), T = L - P.
+
+    Runs the trunk only (no lm_head), so no logits are computed for the prompt. Positions come from the mask
+    as in `generate`, so a left-padded prompt sees the same positions in both.
+    """
+    if not 0 < prompt_len < input_ids.shape[1]:
+        raise ValueError(f"prompt_len must be in [1, {input_ids.shape[1] - 1}], got {prompt_len}")
+    lm = _lm(models)
+    trunk = getattr(lm, lm.base_model_prefix)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out[0][:, prompt_len - 1 : -1]  # (B, T, H)
+
+
+def _check_plain_head(lm: PreTrainedModel) -> None:
+    # chunked_logprobs computes logits = lm_head(hidden); models that scale or soft-cap logits afterwards
+    # (Gemma 2/3, Cohere, Granite) would get wrong logprobs silently.
+    cfg = lm.config.get_text_config()
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{cfg.model_type} post-processes logits ({attr}); not supported yet")
+
+
+def _logprobs(models: Models, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+              chunk_size: int | None, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    lm = _lm(models)
+    _check_plain_head(lm)
+    lm_head = lm.get_output_embeddings()
+    if chunk_size is not None:
+        return chunked_logprobs(hidden, lm_head, tokens, temperature, chunk_size, with_entropy)
+    logits = lm_head(hidden)  # (B, T, V)
+    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    return selective_logprobs(logits, tokens, temperature), entropy
+
+
+def policy_forward(
+    models: Models,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    temperature: float,
+    with_values: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Policy logprobs and entropy of the response tokens, (B, T) each, and values (B, T) from the shared head.
+
+    input_ids/attention_mask: (B, L) = cat(query (B, P) left-padded, response (B, T) right-padded).
+    chunk_size: compute logits this many positions at a time (see chunked_logprobs); None: all at once.
+    with_values needs model.critic='shared' (the adapter critic runs its own forward: critic_values).
+    """
+    if with_values and models.critic != "shared":
+        raise ValueError(f"with_values needs the shared critic; critic is {models.critic!r}: use critic_values")
+    tokens = input_ids[:, prompt_len:]  # (B, T)
+    with use_adapter(models, POLICY):
+        hidden = _response_hidden(models, input_ids, attention_mask, prompt_len)  # (B, T, H)
+        logprobs, entropy = _logprobs(models, hidden, tokens, temperature, chunk_size, with_entropy=True)
+        values = models.value_head(hidden) if with_values else None
+    return logprobs, entropy, values
+
+
+def critic_values(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
+    """Values (B, T) of the states before each response token: critic adapter + head, or the shared head."""
+    if models.value_head is None:
+        raise ValueError("these models have no critic (load_models(..., uses_critic=False))")
+    with use_adapter(models, CRITIC if models.critic == "adapter" else POLICY):
+        hidden = _response_hidden(models, input_ids, attention_mask, prompt_len)  # (B, T, H)
+        return models.value_head(hidden)
+
+
+@torch.no_grad()
+def reference_logprobs(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                       temperature: float, chunk_size: int | None = None) -> torch.Tensor:
+    """Reference logprobs (B, T): adapters disabled (the base), or the frozen reference adapter."""
+    tokens = input_ids[:, prompt_len:]  # (B, T)
+    with use_adapter(models, models.reference):
+        hidden = _response_hidden(models, input_ids, attention_mask, prompt_len)  # (B, T, H)
+        return _logprobs(models, hidden, tokens, temperature, chunk_size, with_entropy=False)[0]
+
+
+# --- saving -------------------------------------------------------------------------------------------------
+
+
+def save_adapters(models: Models, out_dir: str | Path) -> None:
+    """Every adapter in peft format (out_dir/<name>/adapter_model.safetensors + adapter_config.json), the value
+    head as value_head.safetensors, and pefrl_heads.json saying how they fit together."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(models.model.peft_config)
+    models.model.save_pretrained(str(out), selected_adapters=names, safe_serialization=True)
+    if models.value_head is not None:
+        state = {k: v.detach().cpu().contiguous() for k, v in models.value_head.state_dict().items()}
+        save_file(state, str(out / VALUE_HEAD_FILE))
+    meta = {"adapters": names, "critic": models.critic, "reference": models.reference,
+            "value_head": models.value_head is not None}
+    (out / HEADS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_adapters(models: Models, in_dir: str | Path) -> None:
+    """Load weights written by save_adapters into `models` (same adapters and critic mode), for resume or eval.
+
+    Adapters the checkpoint has but `models` lacks (e.g. 'critic' when evaluating without a critic) are skipped;
+    an adapter or head `models` has but the checkpoint lacks raises, since resuming would silently restart it.
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    src = Path(in_dir)
+    meta_path = src / HEADS_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} missing: {src} is not a pefrl adapter directory")
+    meta = json.loads(meta_path.read_text())
+    for name in models.model.peft_config:
+        if name not in meta["adapters"]:
+            raise ValueError(f"checkpoint {src} has no adapter {name!r} (it has {meta['adapters']})")
+        weights = load_peft_weights(str(src / name), device=str(next(models.model.parameters()).device))
+        result = set_peft_model_state_dict(models.model, weights, adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter {name!r} in {src} does not fit: unexpected {result.unexpected_keys[:5]}")
+    if models.value_head is not None:
+        if not meta["value_head"] or meta["critic"] != models.critic:
+            raise ValueError(f"checkpoint {src} critic is {meta['critic']!r}, models use {models.critic!r}")
+        head = load_file(str(src / VALUE_HEAD_FILE), device=str(next(models.value_head.parameters()).device))
+        models.value_head.load_state_dict(head)
