@@ -177,7 +177,7 @@ class RLConfig:
     """Hyperparameters of the RL update. Each algorithm reads the ones it needs (see pefrl/algorithms.py)."""
 
     epochs: int = 2
-    """Passes over each rollout batch (PPO-style algorithms; a2c always does one)."""
+    """Passes over each rollout batch (ratio-based algorithms; a2c and reinforce always do one)."""
     minibatch_size: int = 16
     """Sequences per optimizer step on each process; must divide rollout.num_sequences."""
     grad_accum_steps: int = 1
@@ -423,6 +423,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans; take them back as on/off
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm
+from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm, loss_inputs
 from pefrl.config import Config, save_config
 from pefrl.data import PromptStream, format_prompt, load_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
@@ -224,12 +224,7 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
 def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rollout) -> dict[str, float]:
     """Epochs x minibatches of optimizer steps; each minibatch is split into micro-batches for memory."""
     cfg, algo, models = run.cfg, run.algo, run.models
-    tensors = {"response_mask": batch.response_mask, "logprobs": batch.logprobs, "ref_logprobs": batch.ref_logprobs,
-               "advantages": targets.advantages}
-    if targets.returns is not None:
-        tensors["returns"] = targets.returns
-    if batch.values is not None:
-        tensors["values"] = batch.values
+    tensors = loss_inputs(batch, targets)
     n = len(batch.response_mask)
     epochs, mb_size = (1, n) if algo.single_update else (cfg.rl.epochs, cfg.rl.minibatch_size)
     micro = min(cfg.rl.micro_batch_size, mb_size)
