@@ -64,6 +64,9 @@ class Algorithm:
     kl_in_reward: bool  # KL penalty shaped into the rewards (else, if any, a loss term)
     targets: TargetsFn  # (batch, cfg, kl_coef, state) -> Targets; state: JSON-able dict the trainer checkpoints
     loss: LossFn  # (mb, new_logprobs, new_values, entropy, cfg, kl_coef, max_len) -> (loss, stats)
+    # Replaces the trainer's default epochs x minibatches optimizer loop (e.g. a natural-gradient step):
+    # update(run, batch, targets, kl_coef, rollout) -> stats. None: the default loop with `loss`.
+    update: Callable[..., dict[str, float]] | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {}

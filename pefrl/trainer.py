@@ -140,7 +140,7 @@ def train(
 
         # 6. update the adapters (and value head)
         with timer("train"):
-            train_stats = _update(run, batch, targets, kl_coef, rollout)
+            train_stats = (algo.update or _update)(run, batch, targets, kl_coef, rollout)
         bad_steps = bad_steps + 1 if train_stats.get("skipped_updates", 0) else 0
         if bad_steps >= cfg.train.max_bad_steps:
             raise FloatingPointError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopping")
