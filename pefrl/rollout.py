@@ -1,0 +1,227 @@
+"""Rollout: sample completions from the policy adapter with HF `generate` (left padding, KV cache).
+
+A completion ends at the first EOS (kept, and in the response_mask: the policy chose to stop) or at the first
+stop string (the token that completes it is kept; the text is cut before the string). Positions after the end
+hold the pad token with response_mask 0, and T is trimmed to the longest real response.
+
+Sampling follows rollout config only: temperature, top_p, top_k and epsilon. The model's own generation_config
+(e.g. a chat checkpoint's repetition_penalty) is overridden, since logprobs are later recomputed from
+softmax(logits / temperature) and must describe the distribution that sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from pefrl.config import RolloutConfig
+from pefrl.models import POLICY, Models, use_adapter
+
+
+@dataclass
+class Rollout:
+    """One batch of prompts and sampled completions. All tensors on the model's device."""
+
+    query_ids: torch.Tensor
+    """(B, P) prompt tokens, left-padded."""
+    query_mask: torch.Tensor
+    """(B, P) 1 on prompt tokens, 0 on padding."""
+    response_ids: torch.Tensor
+    """(B, T) sampled tokens, right-padded with the pad token after the end."""
+    response_mask: torch.Tensor
+    """(B, T) float: 1 on real response tokens (EOS and the stop-completing token included)."""
+    completions: list[str]
+    """Decoded completions, cut before a stop string, without EOS/special tokens."""
+    behaviour_logprobs: torch.Tensor | None = None
+    """(B, T) logprobs of the sampled tokens under the distribution that actually sampled them (epsilon-greedy
+    mixture); 0 where response_mask is 0. None when sampling was from the policy itself (epsilon = 0)."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)  # (B, P + T)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)  # (B, P + T)
+
+
+class EpsilonGreedy(LogitsProcessor):
+    """Replace the sampling distribution p (tempered and top-k/top-p filtered) by
+    (1 - eps) * p + eps * uniform(allowed), allowed = tokens with a finite score, and record the logprob of
+    each sampled token under that mixture.
+
+    Why record: the PPO ratio pi_new / pi_old is an importance weight from the behaviour distribution; with
+    exploration mixed in, that distribution is the mixture, not the policy (Sutton & Barto, off-policy
+    learning). The processor sees the token sampled at step t only at step t + 1 (in input_ids), so it keeps
+    one (B, V) step of log-mixture, never all T of them.
+
+    transformers runs user processors *before* its own temperature/top-k/top-p warpers, so this processor
+    applies them itself and generate() switches transformers' off (temperature 1, top_k 0, top_p 1).
+    """
+
+    def __init__(self, epsilon: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+        self.epsilon = epsilon
+        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
+        warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        self.warpers = LogitsProcessorList(warpers)
+        self.logprobs: list[torch.Tensor] = []  # one (B,) per sampled token
+        self._last: torch.Tensor | None = None  # (B, V) log-mixture of the previous step
+
+    def record(self, sampled: torch.Tensor) -> None:
+        """Logprob of the tokens `sampled` (B,) at the previous step."""
+        if self._last is not None:
+            self.logprobs.append(self._last.gather(-1, sampled[:, None]).squeeze(-1))  # (B,)
+            self._last = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.record(input_ids[:, -1])
+        scores = self.warpers(input_ids, scores.float())  # (B, V), filtered tokens at -inf
+        allowed = torch.isfinite(scores)  # (B, V)
+        uniform = allowed / allowed.sum(-1, keepdim=True)  # (B, V)
+        mixture = (1 - self.epsilon) * torch.softmax(scores, dim=-1) + self.epsilon * uniform
+        self._last = torch.log(mixture)  # log 0 = -inf keeps filtered tokens unsampleable
+        return self._last
+
+
+class StopOnStrings(StoppingCriteria):
+    """Row i is done once its decoded response contains one of `stop` (checked on a window of recent tokens:
+    a string of n characters spans at most 4n byte-level tokens)."""
+
+    def __init__(self, tokenizer, stop: list[str], prompt_len: int):
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, stop, prompt_len
+        self.window = 4 * max(len(s) for s in stop) + 4
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        tail = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window) :]  # (B, <= window)
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def _generation_config(cfg: RolloutConfig, tokenizer, eos_ids: list[int]) -> GenerationConfig:
+    # Everything that shapes the distribution is set explicitly, so that the checkpoint's generation_config
+    # cannot fill it in (transformers fills only unset fields from it). With epsilon, EpsilonGreedy applies
+    # temperature, top-k and top-p itself (transformers' warpers would run after it).
+    plain = cfg.epsilon == 0
+    return GenerationConfig(
+        do_sample=True,
+        temperature=cfg.temperature if plain else 1.0,
+        top_p=cfg.top_p if plain else 1.0,
+        top_k=cfg.top_k if plain else 0,  # 0: off
+        min_p=0.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        num_beams=1,
+        num_return_sequences=1,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+    )
+
+
+def _eos_ids(models: Models, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    model_eos = models.model.get_base_model().generation_config.eos_token_id
+    ids |= set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else [])
+    return sorted(ids)
+
+
+def _seed_from(generator: torch.Generator | None) -> int | None:
+    # HF generate samples with the global RNG; a seed drawn from `generator` makes same generator -> same samples
+    if generator is None:
+        return None
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _response_length(tokenizer, tokens: list[int], eos_ids: list[int], stop: list[str]) -> tuple[int, str]:
+    """(number of real tokens, completion text) of one sampled response."""
+    n = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))  # EOS included
+    body = tokens[: n - 1] if n and tokens[n - 1] in eos_ids else tokens[:n]
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop if s in text]
+    if not cuts:
+        return n, text
+
+    def has_stop(k: int) -> bool:
+        prefix = tokenizer.decode(body[:k], skip_special_tokens=True)
+        return any(s in prefix for s in stop)
+
+    lo, hi = 1, len(body)  # smallest k whose prefix contains a stop string: the completing token is k - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+    return lo, text[: min(cuts)]
+
+
+@torch.no_grad()
+def generate(
+    models: Models,
+    tokenizer,
+    prompts: list[str],
+    rollout_cfg: RolloutConfig,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample one completion per prompt with the policy adapter (repeat prompts for several samples each)."""
+    model = models.model
+    device = next(model.parameters()).device
+    # chat templates already start with BOS; adding special tokens again would double it
+    add_special = not (tokenizer.bos_token and all(p.startswith(tokenizer.bos_token) for p in prompts))
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=add_special).to(device)
+    P = enc.input_ids.shape[1]
+    eos_ids = _eos_ids(models, tokenizer)
+    explore = None
+    if rollout_cfg.epsilon > 0:
+        c = rollout_cfg
+        explore = EpsilonGreedy(c.epsilon, c.temperature, c.top_k, c.top_p)
+    stopping = [StopOnStrings(tokenizer, rollout_cfg.stop, P)] if rollout_cfg.stop else []
+    seed = _seed_from(generator)
+    was_training = model.training
+    model.eval()
+    try:
+        with use_adapter(models, POLICY), torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                                                 enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=enc.input_ids,
+                attention_mask=enc.attention_mask,
+                generation_config=_generation_config(rollout_cfg, tokenizer, eos_ids),
+                logits_processor=LogitsProcessorList([explore] if explore else []),
+                stopping_criteria=stopping or None,
+            )
+    finally:
+        model.train(was_training)
+    sampled = out.sequences[:, P:]  # (B, T0)
+    # 2. cut each response at its end: first EOS (kept) or the token completing a stop string (kept)
+    lengths, completions = [], []
+    for row in sampled.tolist():
+        n, text = _response_length(tokenizer, row, eos_ids, rollout_cfg.stop)
+        lengths.append(n)
+        completions.append(text)
+    T = max(lengths)
+    positions = torch.arange(T, device=device)
+    response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).float()  # (B, T)
+    response_ids = sampled[:, :T].masked_fill(response_mask == 0, tokenizer.pad_token_id)  # (B, T)
+    behaviour = None
+    if explore is not None:
+        explore.record(sampled[:, -1])  # the last step's token is only in the output
+        behaviour = torch.stack(explore.logprobs, dim=1)[:, :T]  # (B, T)
+        behaviour = torch.where(response_mask > 0, behaviour, torch.zeros_like(behaviour))
+    return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, completions, behaviour)
