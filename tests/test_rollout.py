@@ -7,22 +7,12 @@ import torch
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
 from pefrl.models import POLICY, load_models, load_tokenizer, policy_forward, use_adapter
 from pefrl.rollout import _response_length, generate
-from pefrl.tiny import ARCHS, build_model, build_tokenizer
+from pefrl.tiny import ARCHS, build_tokenizer
+
+from test_models import model_dirs  # noqa: F401  (module-scoped fixture: tiny models saved to tmp dirs)
 
 torch.set_num_threads(1)
 PROMPTS = ["1+2=", "33+44+5=", "the answer is"]  # different lengths: left padding differs per row
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    tok = build_tokenizer()
-    dirs = {}
-    for arch in ARCHS:
-        d = tmp_path_factory.mktemp(arch)
-        build_model(arch, tok, hidden_size=32, num_layers=2).save_pretrained(d)
-        tok.save_pretrained(d)
-        dirs[arch] = str(d)
-    return dirs
 
 
 def _setup(model_dir):
