@@ -1,0 +1,237 @@
+"""Multi-turn environments: the policy writes a turn, the environment answers, until done or env.max_turns.
+
+The interface (a `typing.Protocol`: any class with these two methods fits, no base class needed):
+
+    class MyEnv:
+        def __init__(self, seed: int): ...              # all randomness from `seed`: episodes are reproducible
+        def reset(self) -> str: ...                     # start an episode; return the first prompt
+        def step(self, text: str) -> tuple[str, float, bool]:
+            ...                                         # the policy's turn (decoded, without EOS) ->
+            return observation, reward, done            # text appended before the next turn, reward, episode over
+
+Config: `env.name: pkg.module:Class` and `env.max_turns`. Each step the trainer builds rollout.batch_size fresh
+environments (seeds from `episode_seeds`), each played rollout.num_samples times with the same seed, so a group
+baseline (rloo, grpo) compares samples of the same hidden state.
+
+What the trainer trains on (one row per episode, `EpisodeRollout`, a `Rollout` the loop already understands):
+
+    query    = the first prompt's tokens (left-padded)
+    response = turn_1 + obs_1 + turn_2 + obs_2 + ... + turn_n      (right-padded)
+    response_mask   1 on policy tokens (the actions), 0 on observation tokens and padding
+    attention       1 on every real token: the policy read the observations when it wrote the next turn
+    scores          the sum of the environment's rewards over the episode
+
+Policy tokens are kept exactly as sampled and every later turn is generated from the exact token ids of the
+episode so far (never decoded and re-encoded: a model may sample a non-canonical BPE split or half of a UTF-8
+character, which would not survive the round trip). So the trainer's `policy_forward` on (query, response)
+scores each action in the very context that sampled it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from pefrl.config import RolloutConfig
+from pefrl.rollout import Rollout, generate
+
+EVAL_SEED_OFFSET = 1_000_000_007
+"""Evaluation episodes use seeds from here on, far from the training seeds."""
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """A text environment: `reset() -> prompt`, `step(text) -> (observation, reward, done)`."""
+
+    def reset(self) -> str:
+        """Start a new episode and return its first prompt."""
+        ...
+
+    def step(self, text: str) -> tuple[str, float, bool]:
+        """Take the policy's turn; return the observation shown before the next turn, the reward for this turn
+        and whether the episode is over (its observation is then dropped)."""
+        ...
+
+
+def load_env_class(spec: str) -> Callable[..., Environment]:
+    """'pkg.module:Class' -> the class (or any factory taking `seed=`)."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name:
+        raise ValueError(f"env.name {spec!r} must look like 'pkg.module:Class'")
+    cls = getattr(importlib.import_module(module_name), attr, None)
+    if cls is None:
+        raise ValueError(f"env.name {spec!r}: module {module_name} has no {attr!r}")
+    return cls
+
+
+def make_envs(spec: str, seeds: list[int], num_samples: int = 1) -> list[Environment]:
+    """One environment per seed, each repeated `num_samples` times in a row (rows k*i .. k*i+k-1 share seed i,
+    as the trainer repeats prompts)."""
+    cls = load_env_class(spec)
+    envs = [cls(seed=seed) for seed in seeds for _ in range(num_samples)]
+    bad = next((e for e in envs if not isinstance(e, Environment)), None)
+    if bad is not None:
+        raise TypeError(f"{spec} does not implement reset() -> str and step(text) -> (str, float, bool)")
+    return envs
+
+
+def episode_seeds(train_seed: int, step: int, rank: int, world: int, batch_size: int) -> list[int]:
+    """Distinct seeds for every (step, rank, row), reproducible from train.seed: resuming replays the same games."""
+    base = ((train_seed * 1_000_003 + step) * world + rank) * batch_size
+    return [base + i for i in range(batch_size)]
+
+
+@dataclass
+class EpisodeRollout(Rollout):
+    """A `Rollout` of whole episodes: observation tokens are attended to but are not actions."""
+
+    response_attention: torch.Tensor | None = None
+    """(B, T) 1 on every real response token (policy and observation), 0 on padding."""
+    scores: torch.Tensor | None = None
+    """(B,) float: sum of the environment's rewards over each episode."""
+    turns: torch.Tensor | None = None
+    """(B,) policy turns each episode took."""
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_attention.to(self.query_mask.dtype)], dim=1)  # (B, P+T)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        turns = self.turns.float()
+        return {"env/turns": turns.mean().item(), "env/observation_tokens": (self.response_attention - self.response_mask).sum(-1).mean().item()}
+
+
+@dataclass
+class _Episode:
+    """Token lists of one episode while it is played."""
+
+    query: list[int]
+    tokens: list[int]  # everything after the query: policy turns and observations
+    is_action: list[int]  # 1 on policy tokens, 0 on observation tokens
+    behaviour: list[float]  # behaviour logprob of each token (0 on observations)
+    reward: float = 0.0
+    turns: int = 0
+    done: bool = False
+
+
+@torch.no_grad()
+def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: RolloutConfig, max_turns: int,
+                     generator: torch.Generator | None = None) -> EpisodeRollout:
+    """Play one episode per environment, batched over the environments still running at each turn."""
+    prompts = [env.reset() for env in envs]
+    episodes: list[_Episode | None] = [None] * len(envs)
+    explored = False
+    for turn in range(max_turns):
+        active = [i for i, ep in enumerate(episodes) if ep is None or not ep.done]
+        if not active:
+            break
+        if turn == 0:
+            out = generate(models, tokenizer, prompts, rollout_cfg, generator)
+        else:
+            contexts = [episodes[i].query + episodes[i].tokens for i in active]
+            out = generate(models, _PretokenizedPrompts(tokenizer, contexts), [_decode(tokenizer, c) for c in contexts],
+                           rollout_cfg, generator)
+        explored = explored or out.behaviour_logprobs is not None
+        for row, i in enumerate(active):
+            if turn == 0:
+                query = out.query_ids[row][out.query_mask[row].bool()].tolist()
+                episodes[i] = _Episode(query=query, tokens=[], is_action=[], behaviour=[])
+            ep = episodes[i]
+            n = int(out.response_mask[row].sum().item())
+            ep.tokens += out.response_ids[row, :n].tolist()  # as sampled: never re-encoded
+            ep.is_action += [1] * n
+            ep.behaviour += out.behaviour_logprobs[row, :n].tolist() if out.behaviour_logprobs is not None else [0.0] * n
+            observation, reward, done = envs[i].step(out.completions[row])
+            ep.reward, ep.turns, ep.done = ep.reward + float(reward), ep.turns + 1, bool(done)
+            if not done and turn + 1 < max_turns:  # nothing follows the last turn: its observation is unused
+                obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
+                ep.tokens += obs_ids
+                ep.is_action += [0] * len(obs_ids)
+                ep.behaviour += [0.0] * len(obs_ids)
+    device = next(models.model.parameters()).device
+    return _pack(tokenizer, episodes, explored, device)
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    # For stop strings and logs only: the model is fed the ids themselves (see _PretokenizedPrompts).
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+class _PretokenizedPrompts:
+    """The tokenizer, except that encoding the batch of prompts returns the given token ids, left-padded.
+
+    rollout.generate takes prompt strings and encodes them itself; this lets it start from exact ids instead.
+    Everything else (decode, pad/eos ids, stop-string checks) is the wrapped tokenizer's.
+    TODO: drop this once rollout.generate accepts `prompt_ids` directly.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[list[int]]):
+        self._tokenizer, self._prompt_ids = tokenizer, prompt_ids
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, texts, **kwargs):
+        from transformers import BatchEncoding
+
+        if len(texts) != len(self._prompt_ids):
+            raise ValueError(f"{len(texts)} prompts to encode but {len(self._prompt_ids)} pre-tokenized ones")
+        P = max(len(ids) for ids in self._prompt_ids)
+        input_ids = torch.full((len(texts), P), self._tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), P), dtype=torch.long)
+        for b, ids in enumerate(self._prompt_ids):
+            input_ids[b, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)  # left padding, as generate asks
+            attention_mask[b, P - len(ids) :] = 1
+        return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def _pack(tokenizer, episodes: list[_Episode], explored: bool, device) -> EpisodeRollout:
+    """Token lists -> left-padded queries (B, P) and right-padded responses (B, T) with their masks."""
+    pad = tokenizer.pad_token_id
+    P = max(len(ep.query) for ep in episodes)
+    T = max(len(ep.tokens) for ep in episodes)
+    B = len(episodes)
+    query_ids = torch.full((B, P), pad, dtype=torch.long)
+    query_mask = torch.zeros((B, P), dtype=torch.long)
+    response_ids = torch.full((B, T), pad, dtype=torch.long)
+    response_mask = torch.zeros((B, T))
+    response_attention = torch.zeros((B, T))
+    behaviour = torch.zeros((B, T))
+    for b, ep in enumerate(episodes):
+        q, t = len(ep.query), len(ep.tokens)
+        query_ids[b, P - q :] = torch.tensor(ep.query, dtype=torch.long)
+        query_mask[b, P - q :] = 1
+        response_ids[b, :t] = torch.tensor(ep.tokens, dtype=torch.long)
+        response_mask[b, :t] = torch.tensor(ep.is_action, dtype=torch.float)
+        response_attention[b, :t] = 1.0
+        behaviour[b, :t] = torch.tensor(ep.behaviour)
+    completions = [tokenizer.decode(ep.tokens, skip_special_tokens=True) for ep in episodes]
+    return EpisodeRollout(
+        query_ids=query_ids.to(device), query_mask=query_mask.to(device), response_ids=response_ids.to(device),
+        response_mask=response_mask.to(device), completions=completions,
+        behaviour_logprobs=behaviour.to(device) if explored else None,
+        response_attention=response_attention.to(device),
+        scores=torch.tensor([ep.reward for ep in episodes], dtype=torch.float32),
+        turns=torch.tensor([ep.turns for ep in episodes]),
+    )
+
+
+@torch.no_grad()
+def evaluate_episodes(models, tokenizer, spec: str, num_episodes: int, rollout_cfg: RolloutConfig, max_turns: int,
+                      rank: int = 0, world: int = 1) -> tuple[float, int]:
+    """(sum of episode rewards, episodes) of greedy play on this rank's share of the eval seeds."""
+    import dataclasses
+
+    greedy = dataclasses.replace(rollout_cfg, top_k=1, epsilon=0.0)  # top-k 1 sampling is greedy decoding
+    seeds = [EVAL_SEED_OFFSET + i for i in range(num_episodes)][rank::world]
+    total, count = 0.0, 0
+    for start in range(0, len(seeds), rollout_cfg.num_sequences):
+        chunk = seeds[start : start + rollout_cfg.num_sequences]
+        out = rollout_episodes(models, tokenizer, make_envs(spec, chunk), greedy, max_turns)
+        total, count = total + out.scores.sum().item(), count + len(chunk)
+    return total, count
