@@ -149,6 +149,25 @@ def _seed_from(generator: torch.Generator | None) -> int | None:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
+def _encode(tokenizer, prompts: list[str], prompt_ids: list[list[int]] | None):
+    """Left-padded (B, P) ids and mask: the prompts encoded, or `prompt_ids` as given."""
+    if prompt_ids is None:
+        # chat templates already start with BOS; adding special tokens again would double it
+        add_special = not (tokenizer.bos_token and all(p.startswith(tokenizer.bos_token) for p in prompts))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=add_special)
+        return enc.input_ids, enc.attention_mask
+    if len(prompt_ids) != len(prompts) or not all(prompt_ids):
+        raise ValueError(f"prompt_ids: need {len(prompts)} non-empty id lists, got {[len(p) for p in prompt_ids]}")
+    P = max(len(ids) for ids in prompt_ids)
+    query_ids = torch.full((len(prompt_ids), P), tokenizer.pad_token_id, dtype=torch.long)  # (B, P)
+    query_mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+    for b, ids in enumerate(prompt_ids):
+        query_ids[b, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        query_mask[b, P - len(ids) :] = 1
+    return query_ids, query_mask
+
+
 def _response_length(tokenizer, tokens: list[int], eos_ids: list[int], stop: list[str]) -> tuple[int, str]:
     """(number of real tokens, completion text) of one sampled response."""
     n = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))  # EOS included
@@ -176,15 +195,18 @@ def generate(
     prompts: list[str],
     rollout_cfg: RolloutConfig,
     generator: torch.Generator | None = None,
+    prompt_ids: list[list[int]] | None = None,
 ) -> Rollout:
-    """Sample one completion per prompt with the policy adapter (repeat prompts for several samples each)."""
+    """Sample one completion per prompt with the policy adapter (repeat prompts for several samples each).
+
+    prompt_ids: the prompts' exact token ids (e.g. a multi-turn context that must not be re-encoded); then
+    `prompts` is not encoded. `generator` seeds the sampling: the same seed gives the same samples.
+    """
     model = models.model
     device = next(model.parameters()).device
-    # chat templates already start with BOS; adding special tokens again would double it
-    add_special = not (tokenizer.bos_token and all(p.startswith(tokenizer.bos_token) for p in prompts))
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=add_special).to(device)
-    P = enc.input_ids.shape[1]
+    query_ids, query_mask = _encode(tokenizer, prompts, prompt_ids)
+    query_ids, query_mask = query_ids.to(device), query_mask.to(device)
+    P = query_ids.shape[1]
     eos_ids = _eos_ids(models, tokenizer)
     explore = None
     if rollout_cfg.epsilon > 0:
@@ -200,8 +222,8 @@ def generate(
             if seed is not None:
                 torch.manual_seed(seed)
             out = model.generate(
-                input_ids=enc.input_ids,
-                attention_mask=enc.attention_mask,
+                input_ids=query_ids,
+                attention_mask=query_mask,
                 generation_config=_generation_config(rollout_cfg, tokenizer, eos_ids),
                 logits_processor=LogitsProcessorList([explore] if explore else []),
                 stopping_criteria=stopping or None,
@@ -224,4 +246,4 @@ def generate(
         explore.record(sampled[:, -1])  # the last step's token is only in the output
         behaviour = torch.stack(explore.logprobs, dim=1)[:, :T]  # (B, T)
         behaviour = torch.where(response_mask > 0, behaviour, torch.zeros_like(behaviour))
-    return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, completions, behaviour)
+    return Rollout(query_ids, query_mask, response_ids, response_mask, completions, behaviour)

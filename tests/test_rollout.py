@@ -59,6 +59,9 @@ def test_seeded_generation_repeats_and_restores_state(model_dirs):
     c = generate(models, tok, PROMPTS, cfg, torch.Generator().manual_seed(4))
     assert torch.equal(a.response_ids, b.response_ids) and a.completions == b.completions
     assert not torch.equal(a.response_ids, c.response_ids)
+    ids = [tok.encode(p) for p in PROMPTS]
+    d = generate(models, tok, PROMPTS, cfg, torch.Generator().manual_seed(3), prompt_ids=ids)
+    assert torch.equal(d.query_ids, a.query_ids) and torch.equal(d.response_ids, a.response_ids)
     assert models.model.training and models.model.active_adapter == POLICY
 
 
