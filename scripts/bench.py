@@ -1,0 +1,315 @@
+"""Side-by-side benchmark of pefrl against TRL: PPO, GRPO and RLOO, as ratios pefrl / TRL.
+
+    bash scripts/setup_bench_env.sh                      # once: the TRL environments under .cache/bench/
+    python scripts/bench.py --model tiny --algos ppo,grpo,rloo --steps 6 --repeats 3
+
+Both sides get the same base model directory, prompts, prompts per step, samples per prompt, max_new_tokens
+(generation forced to that length where the side allows it), reward, seed, dtype, LoRA config and thread count.
+Every run is its own subprocess (so peak RSS is per run); after one warm-up run per side the two sides alternate
+`--repeats` times, and the first `--skip-steps` steps of each run are dropped. The pefrl side is
+`pefrl.trainer.train` in a child of this script (`--child-pefrl`), the TRL side scripts/bench_trl.py in the TRL
+venv. Matching choices are listed in docs/benchmarks.md. TRL is never imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench"
+TRL_PYTHON = {"ppo": CACHE / "trl112" / "bin" / "python", "grpo": CACHE / "trl116" / "bin" / "python",
+              "rloo": CACHE / "trl116" / "bin" / "python"}
+SMOLLM2_DIRS = (ROOT / ".cache" / "smollm2-135m", ROOT / ".cache" / "models" / "smollm2-135m")
+LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def bench_reward(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """Rule reward for both sides: the fraction of digits in the completion (dense, so groups differ)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+# --- models and prompts -------------------------------------------------------------------------------------
+
+
+def prepare_tiny(out: Path, hidden_size: int = 96, num_layers: int = 2) -> Path:
+    """A tiny random Llama (pefrl.tiny) saved with its tokenizer; ~0.37M parameters at the defaults."""
+    if (out / "config.json").exists():
+        return out
+    from pefrl.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model("llama", tokenizer, hidden_size=hidden_size, num_layers=num_layers, max_positions=256)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def prepare_reward_model(base: Path, seed: int = 1) -> Path:
+    """A sequence-classification head (1 label, random, seeded) on `base`: TRL's PPO needs a reward model object,
+    and pefrl's PPO side scores with the same directory (reward.model) so both pay for one RM forward."""
+    out = base.parent / (base.name + "-rm")
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def resolve_model(name: str) -> Path:
+    if name == "tiny":
+        return prepare_tiny(CACHE / "models" / "tiny-llama")
+    if name == "smollm2":
+        for d in SMOLLM2_DIRS:
+            if (d / "config.json").exists():
+                return d
+        raise SystemExit(f"no prepared SmolLM2 directory in {[str(d) for d in SMOLLM2_DIRS]}: run "
+                         "scripts/prepare_smollm2.py first, or pass --model PATH")
+    path = Path(name)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model {name}: not tiny, smollm2 or a model directory")
+    return path
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    """n arithmetic prompts 'a+b=' (pefrl's builtin task order), as JSONL for both sides."""
+    from pefrl.tasks.arithmetic import problems
+
+    rows = problems("train")[:n]
+    path.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    return path
+
+
+# --- one run per side -----------------------------------------------------------------------------------------
+
+
+def pefrl_overrides(a: argparse.Namespace, algo: str, model: Path, rm: Path, prompts: Path, out_dir: str) -> list[str]:
+    """pefrl config overrides equivalent to what bench_trl.py gives TRL (see docs/benchmarks.md)."""
+    batch, samples = (a.batch_size * a.num_samples, 1) if algo == "ppo" else (a.batch_size, a.num_samples)
+    o = [f"algo={algo}", f"output_dir={out_dir}", f"model.name_or_path={model}", "model.dtype=float32",
+         f"lora.r={a.lora_r}", f"lora.alpha={a.lora_alpha}", "lora.dropout=0.0",
+         f"lora.target_modules=[{a.target_modules}]", f"data.prompts={prompts}", "data.eval_prompts=",
+         "data.chat_template='off'", f"rollout.batch_size={batch}", f"rollout.num_samples={samples}",
+         f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.temperature=1.0", f"rl.epochs={a.epochs}",
+         f"rl.minibatch_size={batch * samples}", "rl.grad_accum_steps=1", f"rl.kl_coef={a.kl_coef}",
+         f"train.steps={a.steps}", f"train.seed={a.seed}", f"train.lr={a.lr}", "train.max_grad_norm=1.0",
+         f"train.log_every={a.steps}"]
+    o.append(f"reward.model={rm}" if algo == "ppo" else f"reward.functions=[{Path(__file__).resolve()}:bench_reward]")
+    return o + list(a.pefrl_override)
+
+
+def trl_args(a: argparse.Namespace, algo: str, model: Path, rm: Path, prompts: Path) -> list[str]:
+    batch, samples = (a.batch_size * a.num_samples, 1) if algo == "ppo" else (a.batch_size, a.num_samples)
+    return ["--algo", algo, "--model", str(model), "--reward-model", str(rm), "--prompts", str(prompts),
+            "--batch-size", str(batch), "--num-samples", str(samples), "--max-new-tokens", str(a.max_new_tokens),
+            "--steps", str(a.steps), "--epochs", str(a.epochs), "--lr", str(a.lr), "--kl-coef", str(a.kl_coef),
+            "--lora-r", str(a.lora_r), "--lora-alpha", str(a.lora_alpha), "--target-modules", a.target_modules,
+            "--seed", str(a.seed), "--threads", str(a.threads)]
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    return env
+
+
+def run_child(cmd: list[str], threads: int, log: Path) -> dict:
+    """Run one side in a subprocess; its last `BENCH_JSON` line is the result."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True, text=True)
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (rc {proc.returncode}); log: {log}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH_JSON "):])
+
+
+def child_pefrl(overrides: list[str], threads: int) -> dict:
+    """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory."""
+    import psutil
+    import torch
+
+    torch.set_num_threads(threads)
+    from pefrl.config import load_config
+    from pefrl.metrics import read_metrics
+    from pefrl.trainer import train
+
+    rss_after_imports = psutil.Process().memory_info().rss
+    cfg = load_config(None, overrides)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    train(cfg)
+    total = time.perf_counter() - t0
+    records = read_metrics(cfg.output_dir)
+    keys = ("step_time_s", "gen_time_s", "score_time_s", "reference_time_s", "train_time_s")
+    result = {
+        "side": "pefrl", "algo": cfg.algo, "steps": len(records), "train_seconds": total,
+        "step_times_s": [r["step_time_s"] for r in records],
+        "split_s": {k: [r[k] for r in records] for k in keys[1:]},
+        "gen_time_s": sum(r["gen_time_s"] for r in records),
+        "gen_tokens": int(sum(r["response_length"] * cfg.rollout.num_sequences for r in records)),
+        "rss_after_imports_bytes": rss_after_imports,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    print("BENCH_JSON " + json.dumps(result), flush=True)
+    return result
+
+
+# --- orchestration and summary ------------------------------------------------------------------------------
+
+
+def one_run(a: argparse.Namespace, side: str, algo: str, model: Path, rm: Path, prompts: Path, tag: str) -> dict:
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{algo}-{side}-{tag}.log"
+    if side == "trl":
+        cmd = [str(TRL_PYTHON[algo]), str(ROOT / "scripts" / "bench_trl.py")] + trl_args(a, algo, model, rm, prompts)
+        return run_child(cmd, a.threads, log)
+    with tempfile.TemporaryDirectory(prefix="pefrl-bench-") as out_dir:
+        overrides = pefrl_overrides(a, algo, model, rm, prompts, out_dir)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-pefrl", json.dumps(overrides),
+               "--threads", str(a.threads)]
+        return run_child(cmd, a.threads, log)
+
+
+def measure(a: argparse.Namespace, algo: str, model: Path, rm: Path, prompts: Path) -> dict[str, list[dict]]:
+    """One warm-up run per side (discarded), then `repeats` alternating pefrl / TRL runs."""
+    runs: dict[str, list[dict]] = {"pefrl": [], "trl": []}
+    for side in ("pefrl", "trl"):
+        one_run(a, side, algo, model, rm, prompts, "warmup")
+    for i in range(a.repeats):
+        order = ("pefrl", "trl") if i % 2 == 0 else ("trl", "pefrl")  # neither side always runs first
+        for side in order:
+            r = one_run(a, side, algo, model, rm, prompts, f"r{i}")
+            runs[side].append(r)
+            print(f"  {algo} {side} run {i}: median step {statistics.median(r['step_times_s'][a.skip_steps:]):.3f}s "
+                  f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    return runs
+
+
+def summarize(runs: list[dict], skip: int) -> dict:
+    """Median step time over every kept step of every run; memory as the median of per-run peaks. Tokens/s
+    (step) = generated tokens per step (what this side really generated) / median step time."""
+    steps = [t for r in runs for t in r["step_times_s"][skip:]]
+    median_step = statistics.median(steps)
+    gen_time = sum(r["gen_time_s"] for r in runs)
+    tokens_per_step = statistics.mean(r["gen_tokens"] / r["steps"] for r in runs)
+    out = {
+        "median_step_s": median_step,
+        "step_tokens_per_s": tokens_per_step / median_step,
+        "gen_tokens_per_s": sum(r["gen_tokens"] for r in runs) / gen_time if gen_time else None,
+        "peak_rss_mib": statistics.median(r["peak_rss_bytes"] for r in runs) / 2**20,
+        "rss_growth_mib": statistics.median(r["peak_rss_bytes"] - r["rss_after_imports_bytes"] for r in runs) / 2**20,
+        "cuda_peak_mib": (statistics.median(r["cuda_peak_bytes"] for r in runs) / 2**20
+                          if runs[0].get("cuda_peak_bytes") is not None else None),
+        "n_steps": len(steps),
+        "mean_gen_tokens_per_step": tokens_per_step,
+    }
+    if "split_s" in runs[0]:
+        out["split_s"] = {k: statistics.median(t for r in runs for t in r["split_s"][k][skip:]) for k in runs[0]["split_s"]}
+    return out
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = ["| pair | side | median step (s) | tokens/s (step) | tokens/s (generate) | peak RSS (MiB) | "
+             "RSS growth (MiB) | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    ratios = ["| pair | speed-up TRL/pefrl step time | pefrl/TRL peak RSS | pefrl/TRL RSS growth | target |",
+              "|---|---|---|---|---|"]
+    names = {"ppo": "PPO vs TRL PPOTrainer (1.12)", "grpo": "GRPO vs TRL GRPOTrainer (1.16)",
+             "rloo": "RLOO vs TRL RLOOTrainer (1.16)"}
+    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)
+    for algo, res in results.items():
+        for side in ("pefrl", "trl"):
+            s = res[side]
+            lines.append(f"| {names[algo]} | {side} | {fmt(s['median_step_s'])} | {fmt(s['step_tokens_per_s'], '{:.0f}')} | "
+                         f"{fmt(s['gen_tokens_per_s'], '{:.0f}')} | {fmt(s['peak_rss_mib'], '{:.0f}')} | "
+                         f"{fmt(s['rss_growth_mib'], '{:.0f}')} | {fmt(s['cuda_peak_mib'], '{:.0f}')} |")
+        p, t = res["pefrl"], res["trl"]
+        target = ">= 2x faster, <= 0.6x memory" if algo == "ppo" else ">= 1.3x faster, <= 1.0x memory"
+        ratios.append(f"| {algo} | {t['median_step_s'] / p['median_step_s']:.2f}x | "
+                      f"{p['peak_rss_mib'] / t['peak_rss_mib']:.2f} | {p['rss_growth_mib'] / t['rss_growth_mib']:.2f} | "
+                      f"{target} |")
+    split = ["| pefrl algo | generate (s) | score (s) | reference+values (s) | update (s) | other (s) |", "|---|---|---|---|---|---|"]
+    for algo, res in results.items():
+        s = res["pefrl"]["split_s"]
+        other = res["pefrl"]["median_step_s"] - sum(s.values())
+        split.append(f"| {algo} | {s['gen_time_s']:.3f} | {s['score_time_s']:.3f} | {s['reference_time_s']:.3f} | "
+                     f"{s['train_time_s']:.3f} | {other:.3f} |")
+    return "\n".join(lines + [""] + ratios + [""] + split)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="pefrl vs TRL: PPO, GRPO, RLOO step time and memory",
+                                epilog="Run scripts/setup_bench_env.sh first. Matching choices: docs/benchmarks.md.")
+    p.add_argument("--model", default="tiny", help="tiny | smollm2 | PATH to a causal-LM directory")
+    p.add_argument("--algos", default="ppo,grpo,rloo")
+    p.add_argument("--steps", type=int, default=6, help="RL steps per run")
+    p.add_argument("--skip-steps", type=int, default=1, help="first steps of each run left out (warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per side (after one warm-up run each)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per step (PPO: batch_size x num_samples "
+                   "prompts, one completion each, since TRL's PPO samples one per prompt)")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--kl-coef", type=float, default=0.05)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--target-modules", default=LLAMA_TARGETS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    p.add_argument("--pefrl-override", action="append", default=[], help="extra pefrl dotted.key=value")
+    p.add_argument("--out", help="write all runs and the summary as JSON here")
+    p.add_argument("--child-pefrl", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.child_pefrl:
+        child_pefrl(json.loads(a.child_pefrl), a.threads)
+        return 0
+    algos = [x.strip() for x in a.algos.split(",") if x.strip()]
+    for algo in algos:
+        if algo not in TRL_PYTHON:
+            raise SystemExit(f"--algos: {algo!r} is not one of {list(TRL_PYTHON)}")
+        if not TRL_PYTHON[algo].exists():
+            raise SystemExit(f"{TRL_PYTHON[algo]} missing: run `bash scripts/setup_bench_env.sh` first")
+    model = resolve_model(a.model)
+    rm = prepare_reward_model(model)
+    prompts = write_prompts(CACHE / "prompts.jsonl", a.steps * a.batch_size * a.num_samples)
+    print(f"model {model} | load {os.getloadavg()} | threads {a.threads} | {a.steps} steps x {a.repeats} repeats",
+          flush=True)
+    results, raw = {}, {}
+    for algo in algos:
+        runs = measure(a, algo, model, rm, prompts)
+        results[algo] = {side: summarize(r, a.skip_steps) for side, r in runs.items()}
+        raw[algo] = runs
+    print(table(results))
+    print(f"load average after: {os.getloadavg()}")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"args": vars(a), "model": str(model), "summary": results, "runs": raw}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # run as a script from anywhere: pefrl from this checkout
+    sys.exit(main())
