@@ -110,3 +110,46 @@ def test_gen_config_reference_needs_markers(tmp_path):
     readme.write_text("no markers\n")
     assert gen.main(["--readme", str(readme)]) == 2
     assert readme.read_text() == "no markers\n"
+
+
+def text_code(prompts, completions, **columns):
+    """A reward that tells completions apart (any change of text changes it): a checksum in [0, 1)."""
+    return [sum(map(ord, c)) % 97 / 97 for c in completions]
+
+
+def test_eval_loads_the_runs_adapters(tmp_path, capsys):
+    import torch
+
+    from pefrl.commands.eval import evaluate_run
+    from pefrl.config import Config, save_config
+    from pefrl.data import load_rows
+    from pefrl.models import load_models, load_tokenizer, save_adapters
+    from pefrl.tiny import build_model, build_tokenizer
+    from pefrl.trainer import evaluate
+
+    torch.set_num_threads(1)
+    model_dir, run_dir = tmp_path / "base", tmp_path / "run"
+    tok = build_tokenizer()
+    build_model("llama", tok, hidden_size=32, num_layers=2).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", "reward.functions=[tests.test_cli_commands:text_code]",
+                             "rollout.batch_size=4", "rollout.max_new_tokens=4", "rl.minibatch_size=4"])
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")
+    models = load_models(cfg.model, cfg.lora, uses_critic=True)  # as training saves it: with the critic
+    with torch.no_grad():  # a policy far from the base, so greedy completions differ
+        for name, p in models.model.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_adapters(models, run_dir / "final")
+    rows = load_rows("builtin:arithmetic-eval")[:8]
+    expected = evaluate(models, load_tokenizer(cfg.model), rows, cfg, build_scorer(cfg.reward))
+
+    result = evaluate_run(run_dir, size=8)
+    assert result["n"] == 8 and result["data"] == "builtin:arithmetic-eval"
+    assert result["reward_mean"] == pytest.approx(expected, abs=1e-6)
+    assert evaluate_run(run_dir, size=8, adapter="none")["reward_mean"] != pytest.approx(expected, abs=1e-6)
+    assert main(["eval", str(run_dir), "--data", "builtin:arithmetic-eval", "--size", "8"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reward_mean"] == pytest.approx(expected)
+    with pytest.raises(FileNotFoundError, match="no adapter directory"):
+        evaluate_run(run_dir, adapter="checkpoint-9")

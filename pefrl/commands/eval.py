@@ -1,0 +1,80 @@
+"""`pefrl eval RUN_DIR [--data PROMPTS] [--adapter final] [--size N] [dotted.key=value ...]`.
+
+Scores a trained policy on held-out prompts: loads RUN_DIR/config.yaml (the resolved config the run wrote),
+the base once, the adapters from RUN_DIR/<adapter> (`final`, a checkpoint directory, or `none` for the base
+itself, i.e. the reference), generates greedy completions and scores them with the run's reward config.
+Prints one JSON object: {"reward_mean", "n", "adapter", "data"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def adapter_dir(run_dir: Path, adapter: str) -> Path | None:
+    """RUN_DIR/<adapter> (or <adapter> as a path); None for 'none' (evaluate the base without adapters)."""
+    if adapter == "none":
+        return None
+    path = run_dir / adapter
+    if not path.is_dir():
+        path = Path(adapter)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no adapter directory {run_dir / adapter} (nor {adapter})")
+    return path
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "final", size: int | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Mean reward of greedy completions of the run's policy on `data` (default: the run's data.eval_prompts)."""
+    from pefrl.config import load_config
+    from pefrl.data import load_rows
+    from pefrl.models import load_adapters, load_models, load_tokenizer
+    from pefrl.rewards import build_scorer
+    from pefrl.trainer import evaluate
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: is {run_dir} a pefrl run directory?")
+    cfg = load_config(config_path, overrides)
+    source = data or cfg.data.eval_prompts
+    if not source:
+        raise ValueError("no prompts: pass --data (the run has no data.eval_prompts)")
+    rows = load_rows(source, cfg.data.prompt_field, cfg.data.split)
+    rows = rows[:size] if size else rows
+    weights = adapter_dir(run_dir, adapter)
+    tokenizer = load_tokenizer(cfg.model)
+    # No critic: evaluation only needs the policy; load_adapters skips the checkpoint's critic adapter.
+    models = load_models(cfg.model, cfg.lora, uses_critic=False)
+    if weights is not None:
+        load_adapters(models, weights)
+    models.model.eval()
+    reward_mean = evaluate(models, tokenizer, rows, cfg, build_scorer(cfg.reward))
+    return {"reward_mean": reward_mean, "n": len(rows), "adapter": adapter, "data": source}
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate_run(args.run_dir, args.data, args.adapter, args.size, args.overrides)
+    print(json.dumps(result))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="score a trained policy on held-out prompts",
+                       description="Greedy completions of RUN_DIR's policy on held-out prompts, scored with the "
+                                   "run's reward config; prints JSON {reward_mean, n, adapter, data}. "
+                                   "Example: pefrl eval runs/arithmetic_ppo --data builtin:arithmetic-eval "
+                                   "--size 200")
+    p.add_argument("run_dir", help="a run's output_dir (holds config.yaml and final/)")
+    p.add_argument("--data", default=None,
+                   help="prompts: a .jsonl/.csv/.parquet file, a datasets name or builtin:...; "
+                        "default: the run's data.eval_prompts")
+    p.add_argument("--adapter", default="final",
+                   help="subdirectory of RUN_DIR (or a path) holding the adapters; 'none': the base model")
+    p.add_argument("--size", type=int, default=None, help="score only the first N prompts")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run's config, "
+                                                "e.g. reward.functions=[my_reward.py:strict]")
+    p.set_defaults(func=run)
