@@ -24,7 +24,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,9 +181,6 @@ def _load_base(model_cfg: ModelConfig) -> PreTrainedModel:
     )
     base.requires_grad_(False)
     _disable_dropout(base)
-    if model_cfg.gradient_checkpointing:
-        # non-reentrant: works although the inputs (embeddings of a frozen base) do not require grad
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return base
 
 
@@ -235,6 +232,8 @@ def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool)
     if critic == "adapter":
         model.add_adapter(CRITIC, copy.deepcopy(peft_cfg))
     model.set_adapter(POLICY)
+    if model_cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
     # Set every flag explicitly: peft's set_adapter/add_adapter leave only the active adapter trainable.
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name and (f".{POLICY}." in name or f".{CRITIC}." in name))
@@ -243,6 +242,36 @@ def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool)
         device = next(base.parameters()).device
         value_head = ValueHead(base.config.get_text_config().hidden_size).to(device)
     return Models(model=model, value_head=value_head, critic=critic, reference=reference)
+
+
+def _enable_checkpointing(model: PeftModel) -> None:
+    """Activation checkpointing whose backward recomputes each layer under the adapter that ran its forward.
+
+    Without this, a critic forward recomputed in backward (after use_adapter has switched back to the policy)
+    would run through the policy adapter and give the critic wrong gradients. Non-reentrant checkpointing's
+    `context_fn` gives the recompute its own context.
+    """
+
+    def context_fn():
+        forward_adapter = _current_adapter(model)  # read at forward time
+        return nullcontext(), _adapter_if_switched(model, forward_adapter)
+
+    model.get_base_model().activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
+    )
+
+
+def _current_adapter(model: PeftModel) -> str | None:
+    return getattr(model, "_pefrl_adapter", model.active_adapter)  # set by use_adapter; None = disabled
+
+
+@contextmanager
+def _adapter_if_switched(model: PeftModel, name: str | None) -> Iterator[None]:
+    if _current_adapter(model) == name:
+        yield
+    else:
+        with use_adapter(model, name):
+            yield
 
 
 @contextmanager
@@ -254,7 +283,7 @@ def use_adapter(models_or_model: Models | PeftModel, name: str | None) -> Iterat
     """
     model = models_or_model.model if isinstance(models_or_model, Models) else models_or_model
     flags = {p: p.requires_grad for p in model.parameters()}
-    previous = model.active_adapter
+    previous, previous_name = model.active_adapter, _current_adapter(model)
 
     def restore_flags() -> None:
         for p, flag in flags.items():
@@ -269,12 +298,14 @@ def use_adapter(models_or_model: Models | PeftModel, name: str | None) -> Iterat
                     raise KeyError(f"no adapter {name!r}; adapters: {list(model.peft_config)}")
                 model.set_adapter(name)
             restore_flags()
+            model._pefrl_adapter = name
             yield
         finally:
             stack.close()  # re-enables adapters if they were disabled
             if model.active_adapter != previous:
                 model.set_adapter(previous)
             restore_flags()
+            model._pefrl_adapter = previous_name
 
 
 # --- forward passes -----------------------------------------------------------------------------------------
@@ -299,20 +330,33 @@ def _response_hidden(models: Models, input_ids: torch.Tensor, attention_mask: to
     return out[0][:, prompt_len - 1 : -1]  # (B, T, H)
 
 
-def _check_plain_head(lm: PreTrainedModel) -> None:
-    # chunked_logprobs computes logits = lm_head(hidden); models that scale or soft-cap logits afterwards
-    # (Gemma 2/3, Cohere, Granite) would get wrong logprobs silently.
-    cfg = lm.config.get_text_config()
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"{cfg.model_type} post-processes logits ({attr}); not supported yet")
+class LogitsHead(nn.Module):
+    """lm_head plus the fixed post-processing some architectures apply to its output, so that chunked logprobs
+    from hidden states match the model's own logits: Gemma 2/3 soft-capping (cap * tanh(logits / cap)),
+    Cohere's logit_scale (multiply), Granite's logits_scaling (divide)."""
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm_head = lm.get_output_embeddings()
+        cfg = lm.config.get_text_config()
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.scale = getattr(cfg, "logit_scale", None)
+        self.divide = getattr(cfg, "logits_scaling", None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def _logprobs(models: Models, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
               chunk_size: int | None, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    lm = _lm(models)
-    _check_plain_head(lm)
-    lm_head = lm.get_output_embeddings()
+    lm_head = LogitsHead(_lm(models))
     if chunk_size is not None:
         return chunked_logprobs(hidden, lm_head, tokens, temperature, chunk_size, with_entropy)
     logits = lm_head(hidden)  # (B, T, V)

@@ -73,3 +73,20 @@ def test_chunked_without_grad_and_bad_chunk():
         assert torch.allclose(lp, dense_logprobs(head(hidden), tokens), atol=1e-6)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_logprobs(hidden, head, tokens, 1.0, 0, False)
+
+
+def test_chunked_keeps_no_logits_for_backward():
+    # Under checkpointing the graph keeps the (chunk, H) inputs, never (chunk, V) logits.
+    B, T, H, V = 2, 8, 4, 1000
+    head = nn.Linear(H, V)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+
+    def largest_saved(fn):
+        sizes = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            fn()
+        return max(sizes)
+
+    assert largest_saved(lambda: chunked_logprobs(hidden, head, tokens, 1.0, 4, True)) < 4 * V
+    assert largest_saved(lambda: dense_logprobs(head(hidden), tokens)) >= B * T * V  # what it avoids

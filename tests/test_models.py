@@ -195,11 +195,55 @@ def test_save_load_roundtrip_and_reference_adapter(model_dirs, tmp_path):
 
     # the saved policy as a LoRA-SFT start: reference = that adapter (frozen), policy initialized from it
     sft = load_models(ModelConfig(name_or_path=d, reference_adapter=str(tmp_path / "ckpt" / "policy")),
-                      LoraConfig(r=4), uses_critic=False)
-    assert sft.reference == "reference"
+                      LoraConfig(r=4), uses_critic=True)
+    assert sft.reference == "reference" and set(sft.model.peft_config) == {"policy", "reference", "critic"}
+    assert all(".reference." not in n for n, p in sft.model.named_parameters() if p.requires_grad)
     assert not any(p.requires_grad for n, p in sft.model.named_parameters() if ".reference." in n)
     assert all(p.requires_grad for n, p in sft.model.named_parameters() if "lora_" in n and ".policy." in n)
     ref = reference_logprobs(sft, ids, mask, P, 1.0)
     assert torch.allclose(ref, lp, atol=1e-6)
     assert torch.allclose(policy_forward(sft, ids, mask, P, 1.0)[0], lp, atol=1e-6)
     assert not torch.allclose(ref, _plain_base_logprobs(d, ids, mask, P), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere", "granite"])
+def test_logits_post_processing_matches_the_model(arch, tmp_path):
+    # Gemma 2 soft-caps logits, Cohere scales them, Granite divides them: chunked logprobs must do the same.
+    from transformers import AutoConfig
+
+    tok = build_tokenizer()
+    extra = {"gemma2": dict(final_logit_softcapping=2.0, head_dim=8), "cohere": dict(logit_scale=0.5),
+             "granite": dict(logits_scaling=4.0)}[arch]
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    models = _load(str(tmp_path), uses_critic=False)
+    ids, mask, P = _batch(str(tmp_path))
+    expected = _plain_base_logprobs(str(tmp_path), ids, mask, P)
+    assert torch.allclose(reference_logprobs(models, ids, mask, P, 1.0, chunk_size=3), expected, atol=1e-5)
+
+
+def test_bfloat16_base_with_gradient_checkpointing(model_dirs):
+    d = model_dirs["llama"]
+    ids, mask, P = _batch(d)
+    plain = load_models(ModelConfig(name_or_path=d, dtype="bfloat16"), LoraConfig(r=4), uses_critic=True)
+    ckpt = load_models(ModelConfig(name_or_path=d, dtype="bfloat16", gradient_checkpointing=True), LoraConfig(r=4),
+                       uses_critic=True)
+    ckpt.model.load_state_dict(plain.model.state_dict())
+    ckpt.value_head.load_state_dict(plain.value_head.state_dict())
+    ckpt.model.train()
+    plain.model.train()
+    grads = []
+    for models in (plain, ckpt):
+        assert next(models.model.get_base_model().parameters()).dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in models.trainable_parameters())  # adapters train in fp32
+        logprobs, entropy, _ = policy_forward(models, ids, mask, P, 1.0, chunk_size=4)
+        values = critic_values(models, ids, mask, P)
+        assert logprobs.dtype == torch.float32 and values.dtype == torch.float32
+        grads.append(torch.autograd.grad(logprobs.sum() + values.sum(), models.trainable_parameters()))
+    diffs = [((a - b).abs().max() / b.abs().max().clamp(min=1e-8)).item() for a, b in zip(*grads)]
+    assert max(diffs) < 1e-3, diffs  # the critic is recomputed under the critic adapter, not the active policy
+    assert any(g.abs().sum() > 0 for g in grads[0])
