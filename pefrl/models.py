@@ -99,17 +99,13 @@ def _looks_local(name: str) -> bool:
 
 
 def resolve_model_path(model_cfg: ModelConfig) -> str:
-    """model.name_or_path, or the embedded tiny arithmetic model when it is empty."""
+    """model.name_or_path, or the embedded tiny arithmetic model (built if missing) when it is empty."""
     name = model_cfg.name_or_path
     if not name:
-        from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR  # lazy: only the default model needs the task
+        from pefrl.tasks import arithmetic  # lazy: only the default model needs the task
 
-        name = str(DEFAULT_MODEL_DIR)
-        if not Path(name).is_dir():
-            raise FileNotFoundError(
-                f"embedded default model missing at {name}; build it with scripts/build_tiny_model.py"
-            )
-        return name
+        # built on first use (a few CPU-minutes) by scripts/build_tiny_model.py, then cached in pefrl/assets
+        return str(arithmetic.ensure_default_model(arithmetic.DEFAULT_MODEL_DIR))
     if (_looks_local(name) or Path(name).exists()) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"model.name_or_path {name} does not exist")
     return str(Path(name).expanduser()) if _looks_local(name) else name

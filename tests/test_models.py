@@ -167,6 +167,7 @@ def test_resolve_model_path(tmp_path, monkeypatch):
     import pefrl.tasks.arithmetic as arithmetic
 
     monkeypatch.setattr(arithmetic, "DEFAULT_MODEL_DIR", tmp_path)
+    (tmp_path / "config.json").write_text("{}")  # "already built": nothing to build
     assert resolve_model_path(ModelConfig()) == str(tmp_path)
     with pytest.raises(NotImplementedError, match="quantization"):
         load_models(ModelConfig(name_or_path=str(tmp_path), quantization="4bit"), LoraConfig(), False)
