@@ -320,7 +320,9 @@ def _response_hidden(models: Models, input_ids: torch.Tensor, attention_mask: to
     if not 0 < prompt_len < input_ids.shape[1]:
         raise ValueError(f"prompt_len must be in [1, {input_ids.shape[1] - 1}], got {prompt_len}")
     lm = _lm(models)
-    trunk = getattr(lm, lm.base_model_prefix)
+    trunk = getattr(lm, lm.base_model_prefix, None)  # LlamaModel under .model, GPT2Model under .transformer
+    if trunk is None:
+        raise NotImplementedError(f"{type(lm).__name__} has no trunk at .{lm.base_model_prefix}")
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
     out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out[0][:, prompt_len - 1 : -1]  # (B, T, H)
