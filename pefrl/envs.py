@@ -9,9 +9,11 @@ The interface (a `typing.Protocol`: any class with these two methods fits, no ba
             ...                                         # the policy's turn (decoded, without EOS) ->
             return observation, reward, done            # text appended before the next turn, reward, episode over
 
-Config: `env.name: pkg.module:Class` and `env.max_turns`. Each step the trainer builds rollout.batch_size fresh
-environments (seeds from `episode_seeds`), each played rollout.num_samples times with the same seed, so a group
-baseline (rloo, grpo) compares samples of the same hidden state.
+Config: `env.name: pkg.module:Class` and `env.max_turns`. The trainer's prompt rows become environment seeds
+(`seed_rows`); each step it builds one fresh environment per row (`play_rows`), and since rows are repeated
+rollout.num_samples times, a group baseline (rloo, grpo) compares episodes of the same hidden state. The summed
+environment reward reaches the scorer as the column `env_reward` (reward function `env_reward`), so further
+reward functions (on the first prompt and the whole transcript) can be added with weights.
 
 What the trainer trains on (one row per episode, `EpisodeRollout`, a `Rollout` the loop already understands):
 
@@ -30,13 +32,14 @@ scores each action in the very context that sampled it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from pefrl.config import RolloutConfig
+from pefrl.config import EnvConfig, RolloutConfig
 from pefrl.rollout import Rollout, generate
 
 EVAL_SEED_OFFSET = 1_000_000_007
@@ -79,12 +82,6 @@ def make_envs(spec: str, seeds: list[int], num_samples: int = 1) -> list[Environ
     return envs
 
 
-def episode_seeds(train_seed: int, step: int, rank: int, world: int, batch_size: int) -> list[int]:
-    """Distinct seeds for every (step, rank, row), reproducible from train.seed: resuming replays the same games."""
-    base = ((train_seed * 1_000_003 + step) * world + rank) * batch_size
-    return [base + i for i in range(batch_size)]
-
-
 @dataclass
 class EpisodeRollout(Rollout):
     """A `Rollout` of whole episodes: observation tokens are attended to but are not actions."""
@@ -95,6 +92,8 @@ class EpisodeRollout(Rollout):
     """(B,) float: sum of the environment's rewards over each episode."""
     turns: torch.Tensor | None = None
     """(B,) policy turns each episode took."""
+    prompts: list[str] | None = None
+    """The first prompt of each episode (what reward functions see as the prompt)."""
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -154,7 +153,7 @@ def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: Ro
                 ep.is_action += [0] * len(obs_ids)
                 ep.behaviour += [0.0] * len(obs_ids)
     device = next(models.model.parameters()).device
-    return _pack(tokenizer, episodes, explored, device)
+    return _pack(tokenizer, prompts, episodes, explored, device)
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -190,7 +189,7 @@ class _PretokenizedPrompts:
         return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
-def _pack(tokenizer, episodes: list[_Episode], explored: bool, device) -> EpisodeRollout:
+def _pack(tokenizer, prompts: list[str], episodes: list[_Episode], explored: bool, device) -> EpisodeRollout:
     """Token lists -> left-padded queries (B, P) and right-padded responses (B, T) with their masks."""
     pad = tokenizer.pad_token_id
     P = max(len(ep.query) for ep in episodes)
@@ -217,21 +216,41 @@ def _pack(tokenizer, episodes: list[_Episode], explored: bool, device) -> Episod
         behaviour_logprobs=behaviour.to(device) if explored else None,
         response_attention=response_attention.to(device),
         scores=torch.tensor([ep.reward for ep in episodes], dtype=torch.float32),
-        turns=torch.tensor([ep.turns for ep in episodes]),
+        turns=torch.tensor([ep.turns for ep in episodes]), prompts=prompts,
     )
 
 
-@torch.no_grad()
-def evaluate_episodes(models, tokenizer, spec: str, num_episodes: int, rollout_cfg: RolloutConfig, max_turns: int,
-                      rank: int = 0, world: int = 1) -> tuple[float, int]:
-    """(sum of episode rewards, episodes) of greedy play on this rank's share of the eval seeds."""
-    import dataclasses
+# ---- what the trainer calls ---------------------------------------------------------------------------------
 
-    greedy = dataclasses.replace(rollout_cfg, top_k=1, epsilon=0.0)  # top-k 1 sampling is greedy decoding
-    seeds = [EVAL_SEED_OFFSET + i for i in range(num_episodes)][rank::world]
-    total, count = 0.0, 0
-    for start in range(0, len(seeds), rollout_cfg.num_sequences):
-        chunk = seeds[start : start + rollout_cfg.num_sequences]
-        out = rollout_episodes(models, tokenizer, make_envs(spec, chunk), greedy, max_turns)
-        total, count = total + out.scores.sum().item(), count + len(chunk)
-    return total, count
+
+def seed_rows(train_seed: int) -> Iterator[dict[str, int]]:
+    """Endless training rows {'seed': ...}: the trainer's prompt stream when env.name is set. Ranks take distinct
+    slices of each global batch and every row is repeated rollout.num_samples times, as prompts are; a resumed run
+    skips the rows already used, so it replays the same games."""
+    return ({"seed": train_seed * 1_000_003 + i} for i in itertools.count())
+
+
+def eval_rows(num_episodes: int) -> list[dict[str, int]]:
+    """Held-out episodes as rows {'seed': ...} (seeds from EVAL_SEED_OFFSET), for the trainer's evaluate()."""
+    return [{"seed": EVAL_SEED_OFFSET + i} for i in range(num_episodes)]
+
+
+def env_reward(prompts: list[str], completions: list[str], env_reward: list[float], **_) -> list[float]:
+    """The reward function of environment runs: the episode's summed environment reward, handed over as the
+    `env_reward` column by `play_rows`. Other reward functions see (first prompt, transcript) and add to it."""
+    return list(env_reward)
+
+
+def env_rewards(env_cfg: EnvConfig) -> list[tuple[str, Callable]]:
+    """[('env_reward', env_reward)] when env.name is set, else []: the trainer's extra reward functions."""
+    return [("env_reward", env_reward)] if env_cfg.name else []
+
+
+def play_rows(models, tokenizer, rows: list[dict], rollout_cfg: RolloutConfig, env_cfg: EnvConfig,
+              generator: torch.Generator | None = None) -> tuple[list[str], EpisodeRollout, dict[str, list]]:
+    """Rows {'seed'} -> (first prompts, episodes, reward columns with `env_reward`): stages 1-2 for environments."""
+    rollout = rollout_episodes(models, tokenizer, make_envs(env_cfg.name, [row["seed"] for row in rows]),
+                               rollout_cfg, env_cfg.max_turns, generator)
+    columns = {k: [row[k] for row in rows] for k in rows[0]}
+    columns["env_reward"] = rollout.scores.tolist()
+    return rollout.prompts, rollout, columns

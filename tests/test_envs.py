@@ -1,5 +1,6 @@
 """Multi-turn environments: the games, episode packing, and logprobs of the packed episode = logprobs at sampling."""
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import pefrl.envs as envs_module
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
-from pefrl.envs import Environment, episode_seeds, evaluate_episodes, make_envs, rollout_episodes
+from pefrl.envs import EVAL_SEED_OFFSET, Environment, eval_rows, make_envs, rollout_episodes, seed_rows
 from pefrl.rollout import Rollout
 from pefrl.tasks.games import GuessingGame, TicTacToe, first_integer
 from pefrl.tiny import build_model, build_tokenizer
@@ -69,10 +70,10 @@ def test_make_envs_repeats_seeds_and_checks_interface():
         make_envs("GuessingGame", [0])
 
 
-def test_episode_seeds_are_distinct_over_steps_and_ranks():
-    seeds = [s for step in range(3) for rank in range(2) for s in episode_seeds(0, step, rank, 2, 4)]
-    assert len(set(seeds)) == len(seeds) == 24
-    assert episode_seeds(0, 0, 0, 1, 3) == [0, 1, 2]
+def test_seed_rows_are_distinct_and_held_out_apart():
+    rows = list(itertools.islice(seed_rows(3), 4))
+    assert rows == [{"seed": 3 * 1_000_003 + i} for i in range(4)]
+    assert [r["seed"] for r in eval_rows(2)] == [EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + 1]
 
 
 # ---- packing, with a scripted policy ------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_episode_layout_masks_and_scores(monkeypatch):
     assert out.response_mask[0].tolist() == [1.0] * len(turn1) + [0.0] * len(obs) + [1.0] * len(turn2)
     assert out.attention_mask[0].tolist() == [1] * (len(enc("1+1=")) + len(turn1 + obs + turn2))
     assert out.scores.tolist() == [1.25, 1.25] and out.turns.tolist() == [2, 2]
-    assert out.completions[0] == "7 b=42"
+    assert out.completions[0] == "7 b=42" and out.prompts == ["1+1=", "1+1="]
     assert calls[1] == ["1+1=7</s> b="] * 2  # turn 2's context as text (the ids are fed as they are)
     assert out.stats["env/observation_tokens"] == len(obs)
 
@@ -194,9 +195,21 @@ def test_packed_logprobs_match_sampling(tiny_models, monkeypatch):
     assert not torch.allclose(changed * out.response_mask, packed * out.response_mask, atol=1e-4)
 
 
-def test_evaluate_episodes_greedy_is_deterministic(tiny_models):
-    models, tok = tiny_models
-    cfg = RolloutConfig(batch_size=2, max_new_tokens=3)
-    first = evaluate_episodes(models, tok, "pefrl.tasks.games:GuessingGame", 3, cfg, max_turns=2)
-    assert first == evaluate_episodes(models, tok, "pefrl.tasks.games:GuessingGame", 3, cfg, max_turns=2)
-    assert first[1] == 3 and 0.0 <= first[0] <= 3.0
+def test_play_rows_hands_env_reward_to_the_scorer(monkeypatch):
+    from pefrl.config import EnvConfig, RewardConfig
+    from pefrl.envs import env_rewards, play_rows
+    from pefrl.rewards import build_scorer
+
+    tok = build_tokenizer()
+    monkeypatch.setattr(envs_module, "generate", _scripted_generate(tok, ["7", "42"])[0])
+    env_cfg = EnvConfig(name="tests.test_envs:TwoTurnEnv", max_turns=4)
+    rows = [{"seed": 0}, {"seed": 0}]
+    texts, rollout, columns = play_rows(SimpleNamespace(model=torch.nn.Linear(1, 1)), tok, rows, RolloutConfig(),
+                                        env_cfg)
+    assert texts == ["1+1=", "1+1="] and columns == {"seed": [0, 0], "env_reward": [1.25, 1.25]}
+    # a format rule on the transcript "7 b=42" adds to the environment's reward with its weight
+    reward_cfg = RewardConfig(functions=["pefrl.tasks.format:length_target"], weights=[2.0])
+    scorer = build_scorer(reward_cfg, env_rewards(env_cfg))
+    scores, stats = scorer(texts, rollout.completions, {**columns, "target_length": [6, 12]})
+    assert scores.tolist() == [1.25 + 2.0 * 1.0, 1.25 + 2.0 * 0.5] and stats["reward/env_reward"] == 1.25
+    assert env_rewards(EnvConfig()) == []
