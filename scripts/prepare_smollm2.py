@@ -185,32 +185,16 @@ def already_prepared(out: Path, sha256: str | None, dtype: str) -> dict | None:
     return marker
 
 
-def prepare(out: Path, gguf: Path, sha256: str, dtype_name: str, args: argparse.Namespace) -> dict:
-    """Stages 2-6 into a sibling temp directory, moved onto `out` only once verified."""
+def verify(
+    tmp: Path, gguf: Path, dtype_name: str, gguf_model: PreTrainedModel, tokenizer, args: argparse.Namespace
+) -> dict:
+    """Stage 5: the saved checkpoint reloads to the same tokens and logits, and answers sensibly."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    times: dict[str, float] = {}
-    t = time.perf_counter()
-    # 2. load through transformers' GGUF path (dequantizes to float32)
-    gguf_model, tokenizer = load_from_gguf(gguf)
-    times["load_gguf"] = time.perf_counter() - t
     prompts = verify_prompts(tokenizer)
     ref32 = prompt_logits(gguf_model, tokenizer, prompts)
-
-    # 3.-4. fresh model, save
-    t = time.perf_counter()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh_copy(gguf_model).to(dtype).save_pretrained(tmp, safe_serialization=True)
-    tokenizer.model_max_length = gguf_model.config.max_position_embeddings  # GGUF loader leaves it unbounded
-    tokenizer.save_pretrained(tmp)
-    times["copy_and_save"] = time.perf_counter() - t
-
-    # 5. verify the reloaded checkpoint
-    t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
     tok2 = AutoTokenizer.from_pretrained(tmp)
     if tok2.chat_template != tokenizer.chat_template:
@@ -226,29 +210,56 @@ def prepare(out: Path, gguf: Path, sha256: str, dtype_name: str, args: argparse.
         raise RuntimeError(f"reloaded logits differ from the GGUF model's by {diff} > {LOGIT_TOL}")
     answer, answer_ids = greedy_chat(model, tok2, SAMPLE_INSTRUCTION, args.max_new_tokens)
     print(f"sample: {SAMPLE_INSTRUCTION!r} -> {answer!r} (ended with id {answer_ids[-1]})")
-    times["verify"] = time.perf_counter() - t
     cross = None
     if args.llama_cpp_check:
         cross = llama_cpp_agreement(gguf, tokenizer, prompts, ref32)
         print(f"llama.cpp: argmax agreement {cross['argmax_agreement']:.3f} over {cross['tokens']} tokens, "
               f"max |logit diff| {cross['max_abs_logit_diff']:.3g} (llama.cpp quantizes activations)")
+    return {"prompts": len(prompts), "max_abs_logit_diff": diff, "max_abs_logit_diff_vs_fp32": diff32,
+            "sample_instruction": SAMPLE_INSTRUCTION, "sample_answer": answer, "llama_cpp": cross,
+            "special_tokens": {"bos": tok2.bos_token_id, "eos": tok2.eos_token_id, "pad": tok2.pad_token_id}}
 
-    # 6. marker last, then move into place
-    marker = {
-        "model": "SmolLM2-135M-Instruct",
-        "source": {"dist": SMOLLM2_DIST, "file": gguf.name, "sha256": sha256},
-        "dtype": dtype_name,
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
-        "verify": {"prompts": len(prompts), "max_abs_logit_diff": diff, "max_abs_logit_diff_vs_fp32": diff32,
-                   "sample_instruction": SAMPLE_INSTRUCTION, "sample_answer": answer, "llama_cpp": cross},
-        "special_tokens": {"bos": tok2.bos_token_id, "eos": tok2.eos_token_id, "pad": tok2.pad_token_id},
-        "seconds": times,
-    }
-    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+
+def prepare(out: Path, gguf: Path, sha256: str, dtype_name: str, args: argparse.Namespace) -> dict:
+    """Stages 2-6 into a sibling temp directory, moved onto `out` only once verified (removed on failure)."""
+    import torch
+    import transformers
+
+    times: dict[str, float] = {}
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        t = time.perf_counter()
+        # 2. load through transformers' GGUF path (dequantizes to float32)
+        gguf_model, tokenizer = load_from_gguf(gguf)
+        times["load_gguf"] = time.perf_counter() - t
+        # 3.-4. fresh model, save
+        t = time.perf_counter()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        fresh_copy(gguf_model).to(dtype).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.model_max_length = gguf_model.config.max_position_embeddings  # GGUF loader leaves it unbounded
+        tokenizer.save_pretrained(tmp)
+        times["copy_and_save"] = time.perf_counter() - t
+        # 5. verify
+        t = time.perf_counter()
+        checks = verify(tmp, gguf, dtype_name, gguf_model, tokenizer, args)
+        times["verify"] = time.perf_counter() - t
+        # 6. marker last, then move into place
+        marker = {
+            "model": "SmolLM2-135M-Instruct",
+            "source": {"dist": SMOLLM2_DIST, "file": gguf.name, "sha256": sha256},
+            "dtype": dtype_name,
+            "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+            "special_tokens": checks.pop("special_tokens"),
+            "verify": checks,
+            "seconds": times,
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return marker
 
 

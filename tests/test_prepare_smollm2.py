@@ -108,6 +108,55 @@ def test_script_is_idempotent_on_source_hash_and_dtype(script, monkeypatch, tmp_
     assert calls == ([out.resolve()] if prepares else [])
 
 
+@pytest.fixture
+def tiny_source(script, monkeypatch, tmp_path):
+    """Stand-in for the GGUF load: a tiny tied-embedding Llama and BPE tokenizer with a ChatML template, so the
+    copy / save / reload / verify / marker stages run end to end in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pefrl.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<s>' + m['role'] + '\\n' + m['content'] + '</s>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"stand-in")
+    monkeypatch.setattr(script, "find_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(script, "load_from_gguf", lambda path: (model, tokenizer))
+    return gguf
+
+
+def test_pipeline_on_a_tiny_model_writes_a_verified_checkpoint(script, tiny_source, tmp_path):
+    out = tmp_path / "prepared"
+    assert script.main(["--out", str(out), "--max-new-tokens", "3"]) == 0
+    marker = hub.read_marker(out)
+    assert marker["verify"]["max_abs_logit_diff"] == 0.0  # fp32 weights copied bit for bit
+    assert marker["source"]["sha256"] == hub.sha256_file(tiny_source)
+    assert marker["special_tokens"] == {"bos": 1, "eos": 2, "pad": 0}  # tiny tokenizer: <pad>, <s>, </s>
+    assert {"config.json", "model.safetensors", "tokenizer.json", hub.MARKER} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dir moved, not copied
+
+
+def test_failed_verification_leaves_no_checkpoint(script, tiny_source, monkeypatch, tmp_path):
+    def fail(*args):
+        raise RuntimeError("logits differ")
+
+    monkeypatch.setattr(script, "verify", fail)
+    out = tmp_path / "prepared"
+    with pytest.raises(RuntimeError, match="logits differ"):
+        script.main(["--out", str(out)])
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 @pytest.mark.slow
 def test_prepare_smollm2_end_to_end(tmp_path):
     """Full run (~1.5 min on 1 CPU thread): exact logits after reload, sensible greedy answer, then a no-op rerun."""
