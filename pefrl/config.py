@@ -47,12 +47,17 @@ class ModelConfig:
     """Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
+    logits_chunk_size: int | None = None
+    """Compute logprobs this many positions at a time from the last hidden state, so the full fp32
+    (batch, time, vocab) logits never exist (recomputed in backward). Empty: all at once (fastest)."""
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.critic", self.critic, ("adapter", "shared"))
         _choice("model.quantization", self.quantization, (None, "4bit", "8bit"))
         _choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        if self.logits_chunk_size is not None:
+            _positive("model.logits_chunk_size", self.logits_chunk_size)
 
 
 @dataclass

@@ -193,18 +193,18 @@ def _eval_rows(cfg: Config) -> list[dict[str, Any]]:
 @torch.no_grad()
 def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: Config, uses_critic: bool):
     """Old logprobs, reference logprobs and values for the whole rollout, micro-batch by micro-batch."""
-    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-    P, temperature = rollout.query_ids.shape[1], cfg.rollout.temperature
+    temperature, T = cfg.rollout.temperature, rollout.response_ids.shape[1]
     old, ref, values, entropy = [], [], [], []
-    shared = models.critic == "shared"
-    for idx in torch.arange(len(input_ids)).split(cfg.rl.micro_batch_size):
-        ids, mask = input_ids[idx], attention_mask[idx]
-        lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=uses_critic and shared)
-        old.append(lp)
-        entropy.append(ent)
-        ref.append(reference_logprobs(models, ids, mask, P, temperature))
+    shared, chunk = models.critic == "shared", cfg.model.logits_chunk_size
+    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (b, t) -> (b, T)
+    for idx in torch.arange(len(rollout.response_ids)).split(cfg.rl.micro_batch_size):
+        ids, mask, P = _micro_inputs(rollout, idx)
+        lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=uses_critic and shared, chunk_size=chunk)
+        old.append(pad(lp))
+        entropy.append(pad(ent))
+        ref.append(pad(reference_logprobs(models, ids, mask, P, temperature, chunk_size=chunk)))
         if uses_critic:
-            values.append(v if shared else critic_values(models, ids, mask, P))
+            values.append(pad(v if shared else critic_values(models, ids, mask, P)))
     response_mask = rollout.response_mask
     logprobs = torch.cat(old)
     if rollout.behaviour_logprobs is not None:
@@ -228,16 +228,16 @@ def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rol
     n = len(batch.response_mask)
     epochs, mb_size = (1, n) if algo.single_update else (cfg.rl.epochs, cfg.rl.minibatch_size)
     micro = min(cfg.rl.micro_batch_size, mb_size)
-    input_ids, attention_mask, P = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
     totals: dict[str, float] = {}
     count, skipped = 0, 0
     for _ in range(epochs):
         for mb_idx in torch.randperm(n).split(mb_size):
             run.optimizer.zero_grad(set_to_none=True)
             for micro_idx in mb_idx.split(micro):
-                mb = {k: v[micro_idx] for k, v in tensors.items()}
-                new_logprobs, entropy, new_values = _grad_forward(models, input_ids[micro_idx], attention_mask[micro_idx],
-                                                                  P, cfg, algo.uses_critic)
+                ids, mask, P = _micro_inputs(rollout, micro_idx)
+                T = ids.shape[1] - P
+                mb = {k: v[micro_idx, :T] for k, v in tensors.items()}  # (b, T) trimmed like the inputs
+                new_logprobs, entropy, new_values = _grad_forward(models, ids, mask, P, cfg, algo.uses_critic)
                 loss, stats = algo.loss(mb, new_logprobs, new_values, entropy, cfg.rl, kl_coef, cfg.rollout.max_new_tokens)
                 (loss * len(micro_idx) / len(mb_idx)).backward()
                 for k, v in stats.items():
@@ -249,11 +249,24 @@ def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rol
     return out
 
 
+def _micro_inputs(rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """input_ids and attention_mask of rows `idx`, without the columns that are padding in every one of them:
+    left-padding of the prompts and right-padding of the responses. -> ids (b, P' + T'), mask, P'."""
+    P = rollout.query_ids.shape[1]
+    attention = rollout.attention_mask[idx]  # (b, P + T); env rollouts attend to observation tokens too
+    left = int((attention[:, :P].sum(0) == 0).long().cumprod(0).sum())  # leading all-pad prompt columns
+    used = (attention[:, P:].sum(0) > 0).nonzero()
+    T = int(used.max()) + 1 if len(used) else 1
+    ids = rollout.input_ids[idx, left : P + T]
+    return ids, attention[:, left : P + T], P - left
+
+
 def _grad_forward(models, input_ids, attention_mask, P, cfg, uses_critic):
     """Policy logprobs and entropy (and values) with grad, for one micro-batch."""
     shared = models.critic == "shared"
     logprobs, entropy, values = policy_forward(models, input_ids, attention_mask, P, cfg.rollout.temperature,
-                                               with_values=uses_critic and shared)
+                                               with_values=uses_critic and shared,
+                                               chunk_size=cfg.model.logits_chunk_size)
     if uses_critic and not shared:
         values = critic_values(models, input_ids, attention_mask, P)
     return logprobs, entropy, values
