@@ -1,6 +1,6 @@
 """`pefrl eval RUN_DIR [--data PROMPTS] [--adapter final] [--size N] [dotted.key=value ...]`.
 
-Scores a trained policy on held-out prompts: loads RUN_DIR/config.yaml (the resolved config the run wrote),
+Scores a trained policy on held-out prompts (or, for an env.name run, held-out games): loads RUN_DIR/config.yaml (the resolved config the run wrote),
 the base once, the adapters from RUN_DIR/<adapter> (`final`, a checkpoint directory, or `none` for the base
 itself, i.e. the reference), generates greedy completions and scores them with the run's reward config.
 Prints one JSON object: {"reward_mean", "n", "adapter", "data"}.
@@ -31,6 +31,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     """Mean reward of greedy completions of the run's policy on `data` (default: the run's data.eval_prompts)."""
     from pefrl.config import load_config
     from pefrl.data import load_rows
+    from pefrl.envs import env_rewards, eval_rows
     from pefrl.models import load_adapters, load_models, load_tokenizer
     from pefrl.rewards import build_scorer
     from pefrl.trainer import evaluate
@@ -40,11 +41,16 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: is {run_dir} a pefrl run directory?")
     cfg = load_config(config_path, overrides)
-    source = data or cfg.data.eval_prompts
-    if not source:
-        raise ValueError("no prompts: pass --data (the run has no data.eval_prompts)")
-    rows = load_rows(source, cfg.data.prompt_field, cfg.data.split)
-    rows = rows[:size] if size else rows
+    if cfg.env.name:  # an environment run: held-out games, not prompts
+        if data:
+            raise ValueError(f"the run plays {cfg.env.name}; --data does not apply (use --size for the game count)")
+        source, rows = f"{cfg.env.name} (held-out games)", eval_rows(size or cfg.data.eval_size)
+    else:
+        source = data or cfg.data.eval_prompts
+        if not source:
+            raise ValueError("no prompts: pass --data (the run has no data.eval_prompts)")
+        rows = load_rows(source, cfg.data.prompt_field, cfg.data.split)
+        rows = rows[:size] if size else rows
     weights = adapter_dir(run_dir, adapter)
     tokenizer = load_tokenizer(cfg.model)
     # No critic: evaluation only needs the policy; load_adapters skips the checkpoint's critic adapter.
@@ -52,7 +58,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     if weights is not None:
         load_adapters(models, weights)
     models.model.eval()
-    reward_mean = evaluate(models, tokenizer, rows, cfg, build_scorer(cfg.reward))
+    reward_mean = evaluate(models, tokenizer, rows, cfg, build_scorer(cfg.reward, env_rewards(cfg.env)))
     return {"reward_mean": reward_mean, "n": len(rows), "adapter": adapter, "data": source}
 
 
