@@ -1,0 +1,325 @@
+"""TRPO on LoRA adapters: one natural-gradient step of the policy adapter per rollout batch (Schulman et al. 2015).
+
+    maximise  L(theta) = E_t[ pi_theta(a_t) / mu(a_t) * A_t ]   s.t.  mean_t KL(pi_old || pi_theta) <= max_kl
+
+1. g  = grad L at theta_old over the whole batch (every micro-batch; averaged over ranks)
+2. x  = F^-1 g by conjugate gradient, F v = Hessian of the mean KL(pi_old || pi_theta) times v (double backprop)
+3. full step = sqrt(2 max_kl / x'Fx) * x: the largest step along x whose quadratic KL model equals max_kl
+4. backtracking line search: fractions 1, 1/2, 1/4, ... of it (rl.line_search_steps tries); the first one whose
+   surrogate improves AND whose measured KL <= max_kl is kept; if none is, the old parameters are put back.
+5. the critic (its adapter + value head, or the value head alone with a shared critic) is trained with the
+   run's AdamW on the clipped value loss, rl.epochs x rl.minibatch_size, like PPO's value half.
+
+Only the policy adapter's LoRA matrices take the natural-gradient step: they are few (the Fisher is never built,
+only products with it), and the frozen base is what keeps TRPO practical for an LLM.
+
+The KL is the sample estimate over the response tokens, k3 = (r - 1) - log r with r = pi_theta / pi_old
+(Schulman 2020, "Approximating KL"; the `approx_kl` of the PPO losses). Its Hessian at theta_old is exactly
+the empirical Fisher mean_t grad log pi(a_t) grad log pi(a_t)^T (the grad^2 log pi terms cancel at r = 1), so
+F is positive semi-definite and conjugate gradient applies; the same estimate is what the line search bounds.
+mu is the behaviour distribution (pi_old, or the epsilon-greedy mixture whose logprobs the rollout recorded);
+pi_old in the KL is always the policy itself before the step.
+
+Second derivatives: the fused SDPA kernels (CPU flash, CUDA flash / memory-efficient) have no double backward,
+so the KL-gradient forward runs with PyTorch's math attention backend (sdpa_kernel(MATH)). A model loaded with
+attn_implementation='flash_attention_2' ignores that and cannot run TRPO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pefrl.algorithms import Algorithm, RolloutBatch, Targets, _common_stats, gae_targets, register
+from pefrl.config import RLConfig
+from pefrl.models import POLICY, Models, critic_values, policy_forward
+from pefrl.ops.advantages import masked_mean
+from pefrl.ops.losses import aggregate, clipped_value_loss, entropy_bonus
+
+if TYPE_CHECKING:  # the trainer imports the registry; a runtime import would be circular
+    from pefrl.trainer import Run
+
+
+# --- pure math ----------------------------------------------------------------------------------------------
+
+
+def conjugate_gradient(fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int, tol: float = 1e-10) -> Tensor:
+    """Approximately solve F x = b for symmetric positive-definite F given only v -> F v (Hestenes & Stiefel
+    1952; TRPO appendix C, as in OpenAI baselines' cg). Starts at x = 0; stops early once r'r < tol."""
+    x = torch.zeros_like(b)
+    r = b.clone()  # residual b - F x
+    p = b.clone()  # search direction
+    rr = r.dot(r)
+    for _ in range(iters):
+        if rr < tol:
+            break
+        Fp = fvp(p)
+        alpha = rr / p.dot(Fp)
+        x += alpha * p
+        r -= alpha * Fp
+        rr_new = r.dot(r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def surrogate(logprobs: Tensor, behaviour_logprobs: Tensor, advantages: Tensor, response_mask: Tensor,
+              aggregation: str, max_len: int) -> Tensor:
+    """TRPO's surrogate objective E[pi/mu * A] (Schulman et al. 2015, eq. 14), to MAXIMISE; all inputs (B, T).
+
+    Unclipped: the trust region, not a clip, bounds the step. The ratio to the behaviour logprobs is the
+    importance-sampling correction when sampling was not from the policy (epsilon-greedy)."""
+    ratio = torch.exp((logprobs - behaviour_logprobs) * response_mask)  # (B, T); masked first: exp never sees pad
+    return aggregate(ratio * advantages.detach(), response_mask, aggregation, max_len)
+
+
+def kl_old_new(logprobs: Tensor, old_logprobs: Tensor, response_mask: Tensor) -> Tensor:
+    """Token-mean k3 estimate of KL(pi_old || pi_new) from tokens sampled by pi_old: (r - 1) - log r,
+    r = pi_new / pi_old. Zero with zero gradient at pi_new = pi_old; Hessian there = empirical Fisher."""
+    log_ratio = (logprobs - old_logprobs) * response_mask  # (B, T)
+    return masked_mean(torch.exp(log_ratio) - 1.0 - log_ratio, response_mask)
+
+
+def batch_share(mb_mask: Tensor, mask: Tensor, aggregation: str) -> float:
+    """Weight w such that sum over micro-batches of w * aggregate(micro-batch) == aggregate(whole batch):
+    each aggregation is a sum over rows divided by a batch constant (tokens, non-empty rows, or rows)."""
+    if aggregation == "token_mean":
+        return mb_mask.sum().item() / max(mask.sum().item(), 1.0)
+    if aggregation == "sequence_mean":
+        return (mb_mask.sum(-1) > 0).sum().item() / max((mask.sum(-1) > 0).sum().item(), 1)
+    return mb_mask.shape[0] / mask.shape[0]  # fixed_length: sum / (rows * max_len)
+
+
+def trpo_loss(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: float, max_len: int):
+    """The same objective as a first-order loss (the registry's `loss`): -surrogate + vf_coef * value loss -
+    entropy bonus. The natural-gradient `update` below does not step on it; it uses its parts."""
+    mask = mb["response_mask"]
+    pg_loss = -surrogate(new_logprobs, mb["logprobs"], mb["advantages"], mask, cfg.loss_aggregation, max_len)
+    vf_loss, vf_stats = clipped_value_loss(new_values, mb["values"], mb["returns"], mask, cfg.value_clip_range)
+    ent = entropy_bonus(entropy, mask, cfg.loss_aggregation, max_len)
+    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
+    approx_kl = kl_old_new(new_logprobs.detach(), mb["logprobs"], mask)
+    stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "approx_kl": approx_kl, **vf_stats}
+    return loss, {**_common_stats(mb, new_logprobs, ent), **stats}
+
+
+# --- parameters as one flat vector --------------------------------------------------------------------------
+
+
+def policy_parameters(models: Models) -> list[torch.nn.Parameter]:
+    """The policy adapter's LoRA matrices: the only parameters the natural-gradient step moves."""
+    return [p for n, p in models.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]
+
+
+def _flat(tensors: list[Tensor | None], params: list[torch.nn.Parameter]) -> Tensor:
+    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, params)])
+
+
+@torch.no_grad()
+def _set_flat(params: list[torch.nn.Parameter], flat: Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _mean_over_ranks(x: Tensor, world: int) -> Tensor:
+    """Average a flat tensor over ranks (one all-reduce), as trainer._optimizer_step does for gradients."""
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+# --- the update ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyBatch:
+    """What the natural-gradient step reads: the rollout's sequences and the per-token tensors, all (B, ...)."""
+
+    input_ids: Tensor  # (B, P + T)
+    attention_mask: Tensor  # (B, P + T)
+    prompt_len: int  # P
+    response_mask: Tensor  # (B, T)
+    behaviour_logprobs: Tensor  # (B, T) mu: the logprobs the ratio divides by (batch.logprobs)
+    advantages: Tensor  # (B, T)
+    micro_batch_size: int
+    temperature: float
+    max_len: int  # rollout.max_new_tokens, for fixed_length aggregation
+    old_logprobs: Tensor | None = None  # (B, T) pi_old on the sampled tokens, filled at the start of the step
+
+    def micro_batches(self) -> list[Tensor]:
+        return list(torch.arange(len(self.input_ids)).split(self.micro_batch_size))
+
+
+def _objective(pb: PolicyBatch, idx: Tensor, logprobs: Tensor, entropy: Tensor, rl: RLConfig) -> Tensor:
+    """This micro-batch's share of surrogate + entropy_coef * entropy (the entropy bonus, as the losses have)."""
+    mask = pb.response_mask[idx]
+    share = batch_share(mask, pb.response_mask, rl.loss_aggregation)
+    surr = surrogate(logprobs, pb.behaviour_logprobs[idx], pb.advantages[idx], mask, rl.loss_aggregation, pb.max_len)
+    ent = entropy_bonus(entropy, mask, rl.loss_aggregation, pb.max_len)
+    return share * (surr + rl.entropy_coef * ent)
+
+
+def _kl(pb: PolicyBatch, idx: Tensor, logprobs: Tensor) -> Tensor:
+    """This micro-batch's share of the token-mean KL(pi_old || pi) over the whole (local) batch."""
+    mask = pb.response_mask[idx]
+    return batch_share(mask, pb.response_mask, "token_mean") * kl_old_new(logprobs, pb.old_logprobs[idx], mask)
+
+
+@torch.no_grad()
+def evaluate_policy(models: Models, pb: PolicyBatch, rl: RLConfig, world: int) -> tuple[float, float, Tensor, Tensor]:
+    """(objective, KL(pi_old || pi) or 0 before old_logprobs exist, logprobs (B, T), entropy (B, T)) at the
+    current parameters; objective and KL averaged over ranks so that every rank takes the same decision."""
+    obj, kl, logprobs, entropy = 0.0, 0.0, [], []
+    for idx in pb.micro_batches():
+        lp, ent, _ = policy_forward(models, pb.input_ids[idx], pb.attention_mask[idx], pb.prompt_len, pb.temperature)
+        obj += _objective(pb, idx, lp, ent, rl).item()
+        kl += _kl(pb, idx, lp).item() if pb.old_logprobs is not None else 0.0
+        logprobs.append(lp)
+        entropy.append(ent)
+    both = _mean_over_ranks(torch.tensor([obj, kl], dtype=torch.float64, device=pb.input_ids.device), world)
+    return both[0].item(), both[1].item(), torch.cat(logprobs), torch.cat(entropy)
+
+
+def surrogate_gradient(models: Models, params: list[torch.nn.Parameter], pb: PolicyBatch, rl: RLConfig) -> Tensor:
+    """Flat gradient of the objective over the whole local batch, micro-batch by micro-batch."""
+    g = None
+    for idx in pb.micro_batches():
+        lp, ent, _ = policy_forward(models, pb.input_ids[idx], pb.attention_mask[idx], pb.prompt_len, pb.temperature)
+        grads = torch.autograd.grad(_objective(pb, idx, lp, ent, rl), params, allow_unused=True)
+        g = _flat(grads, params) if g is None else g + _flat(grads, params)
+    return g
+
+
+def fisher_vector_product(models: Models, params: list[torch.nn.Parameter], pb: PolicyBatch, v: Tensor) -> Tensor:
+    """F v = d/dtheta [ (d KL(pi_old || pi_theta) / dtheta) . v ] at the current theta (Pearlmutter 1994's
+    double backprop; TRPO appendix C). One forward and two backwards per micro-batch; no damping here."""
+    out = torch.zeros_like(v)
+    for idx in pb.micro_batches():
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            lp, _, _ = policy_forward(models, pb.input_ids[idx], pb.attention_mask[idx], pb.prompt_len,
+                                      pb.temperature)
+            grads = torch.autograd.grad(_kl(pb, idx, lp), params, create_graph=True, allow_unused=True)
+            grad_v = _flat(grads, params).dot(v)
+            hv = torch.autograd.grad(grad_v, params, allow_unused=True)
+        out += _flat(hv, params)
+    return out
+
+
+def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: PolicyBatch, rl: RLConfig,
+                          world: int = 1) -> dict[str, float]:
+    """Steps 1-4 of the module docstring on `params`; returns stats. On rejection (or a non-finite gradient)
+    the parameters are put back bit for bit."""
+    saved = [p.detach().clone() for p in params]
+    old_flat = _flat(saved, params)
+    obj_old, _, old_logprobs, entropy = evaluate_policy(models, pb, rl, world)
+    pb.old_logprobs = old_logprobs
+    stats = {"policy_loss": -obj_old, "entropy": masked_mean(entropy, pb.response_mask).item(), "approx_kl": 0.0,
+             "trpo_accepted": 0.0, "trpo_step_fraction": 0.0, "trpo_improve": 0.0, "skipped_updates": 0.0}
+
+    # 1. surrogate gradient, averaged over ranks
+    g = _mean_over_ranks(surrogate_gradient(models, params, pb, rl), world)
+    stats["trpo_grad_norm"] = g.norm().item()
+    if not torch.isfinite(g).all():
+        stats["skipped_updates"] = 1.0  # nothing moved yet
+        return stats
+
+    # 2. natural-gradient direction x = (F + damping I)^-1 g; the damping keeps CG stable where F is singular
+    def fvp(v: Tensor) -> Tensor:
+        return _mean_over_ranks(fisher_vector_product(models, params, pb, v), world) + rl.cg_damping * v
+
+    x = conjugate_gradient(fvp, g, rl.cg_iters)
+    xFx = x.dot(fvp(x))
+    if not (torch.isfinite(xFx) and xFx > 0):
+        stats["skipped_updates"] = 1.0
+        return stats
+
+    # 3. scale to the trust region: 0.5 s'Fs = max_kl (the quadratic model of the KL)
+    full_step = math.sqrt(2.0 * rl.max_kl / xFx.item()) * x
+    expected = g.dot(full_step).item()
+    stats["trpo_expected_improve"] = expected
+
+    # 4. backtracking line search on the real surrogate and the measured KL
+    for i in range(rl.line_search_steps):
+        fraction = 0.5**i
+        _set_flat(params, old_flat + fraction * full_step)
+        obj, kl, _, _ = evaluate_policy(models, pb, rl, world)
+        if math.isfinite(obj) and math.isfinite(kl) and obj > obj_old and kl <= rl.max_kl:
+            stats.update(trpo_accepted=1.0, trpo_step_fraction=fraction, trpo_improve=obj - obj_old,
+                         approx_kl=kl, policy_loss=-obj)
+            return stats
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return stats
+
+
+def _critic_step(run: Run, params: list[torch.nn.Parameter], grads: Tensor) -> bool:
+    """AdamW step on the critic parameters only: grads averaged over ranks, clipped. The policy adapter's grads
+    stay None, so AdamW (which skips grad-less parameters) leaves it, its moments and its weight decay alone."""
+    grads = _mean_over_ranks(grads, run.accelerator.num_processes)
+    if not torch.isfinite(grads).all():
+        return False
+    offset = 0
+    for p in params:
+        p.grad = grads[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    max_norm = run.cfg.train.max_grad_norm
+    torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    for p in params:
+        p.grad = None
+    return True
+
+
+def critic_update(run: Run, batch: RolloutBatch, targets: Targets, rollout: Any) -> dict[str, float]:
+    """rl.epochs x minibatches of AdamW steps on the clipped value loss (PPO's value half; vf_coef unused: the
+    value loss has its own steps). Gradients go to the critic adapter + value head only, never the policy."""
+    cfg, models = run.cfg, run.models
+    policy_ids = {id(p) for p in policy_parameters(models)}
+    params = [p for p in run.params if id(p) not in policy_ids]
+    mask, n = batch.response_mask, len(batch.response_mask)
+    micro = min(cfg.rl.micro_batch_size, cfg.rl.minibatch_size)
+    input_ids, attention_mask, P = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
+    total, count, skipped = 0.0, 0, 0
+    for _ in range(cfg.rl.epochs):
+        for mb_idx in torch.randperm(n).split(cfg.rl.minibatch_size):
+            grads = torch.zeros(sum(p.numel() for p in params), device=mask.device)
+            for idx in mb_idx.split(micro):
+                values = critic_values(models, input_ids[idx], attention_mask[idx], P)  # (b, T)
+                loss, _ = clipped_value_loss(values, batch.values[idx], targets.returns[idx], mask[idx],
+                                             cfg.rl.value_clip_range)
+                weight = len(idx) / len(mb_idx)
+                grads += _flat(torch.autograd.grad(loss * weight, params, allow_unused=True), params)
+                total += loss.item() * weight
+            count += 1
+            skipped += not _critic_step(run, params, grads)
+    return {"value_loss": total / max(count, 1), "critic_skipped": float(skipped)}
+
+
+def trpo_update(run: Run, batch: RolloutBatch, targets: Targets, kl_coef: float, rollout: Any) -> dict[str, float]:
+    """The `Algorithm.update` of trpo: a natural-gradient step of the policy adapter, then the critic's steps."""
+    cfg = run.cfg
+    pb = PolicyBatch(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                     prompt_len=rollout.query_ids.shape[1], response_mask=batch.response_mask,
+                     behaviour_logprobs=batch.logprobs, advantages=targets.advantages,
+                     micro_batch_size=cfg.rl.micro_batch_size, temperature=cfg.rollout.temperature,
+                     max_len=cfg.rollout.max_new_tokens)
+    stats = natural_gradient_step(run.models, policy_parameters(run.models), pb, cfg.rl, run.accelerator.num_processes)
+    stats.update(critic_update(run, batch, targets, rollout))
+    stats["skipped_updates"] += stats.pop("critic_skipped")
+    return stats
+
+
+register(Algorithm("trpo", uses_critic=True, single_update=False, kl_in_reward=True, targets=gae_targets,
+                   loss=trpo_loss, update=trpo_update))
