@@ -282,3 +282,4 @@ register(Algorithm("grpo", uses_critic=False, single_update=False, kl_in_reward=
 register(Algorithm("reinforce_pp", uses_critic=False, single_update=False, kl_in_reward=True,
                    targets=reinforce_pp_targets, loss=clipped_pg_loss_fn))
 # trpo registers here (another module's targets + a natural-gradient update; its helper adds it)
+from pefrl import trpo  # noqa: F401  registers trpo
