@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
 TRL_PYTHON = {"ppo": CACHE / "trl112" / "bin" / "python", "grpo": CACHE / "trl116" / "bin" / "python",
               "rloo": CACHE / "trl116" / "bin" / "python"}
-SMOLLM2_DIRS = (ROOT / ".cache" / "smollm2-135m", ROOT / ".cache" / "models" / "smollm2-135m")
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -57,7 +56,7 @@ def prepare_tiny(out: Path, hidden_size: int = 96, num_layers: int = 2) -> Path:
 def prepare_reward_model(base: Path, seed: int = 1) -> Path:
     """A sequence-classification head (1 label, random, seeded) on `base`: TRL's PPO needs a reward model object,
     and pefrl's PPO side scores with the same directory (reward.model) so both pay for one RM forward."""
-    out = base.parent / (base.name + "-rm")
+    out = CACHE / "models" / (base.name + "-rm")
     if (out / "config.json").exists():
         return out
     import torch
@@ -76,11 +75,12 @@ def resolve_model(name: str) -> Path:
     if name == "tiny":
         return prepare_tiny(CACHE / "models" / "tiny-llama")
     if name == "smollm2":
-        for d in SMOLLM2_DIRS:
-            if (d / "config.json").exists():
-                return d
-        raise SystemExit(f"no prepared SmolLM2 directory in {[str(d) for d in SMOLLM2_DIRS]}: run "
-                         "scripts/prepare_smollm2.py first, or pass --model PATH")
+        from pefrl.hub import ModelNotPreparedError, smollm2_path
+
+        try:
+            return smollm2_path()  # made by scripts/prepare_smollm2.py
+        except ModelNotPreparedError as e:
+            raise SystemExit(str(e)) from None
     path = Path(name)
     if not (path / "config.json").exists():
         raise SystemExit(f"--model {name}: not tiny, smollm2 or a model directory")
@@ -139,9 +139,18 @@ def run_child(cmd: list[str], threads: int, log: Path) -> dict:
     return json.loads(lines[-1][len("BENCH_JSON "):])
 
 
+def current_rss() -> int:
+    """Resident set size of this process in bytes (psutil when installed, else Linux /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    return psutil.Process().memory_info().rss
+
+
 def child_pefrl(overrides: list[str], threads: int) -> dict:
     """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory."""
-    import psutil
     import torch
 
     torch.set_num_threads(threads)
@@ -149,7 +158,7 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
     from pefrl.metrics import read_metrics
     from pefrl.trainer import train
 
-    rss_after_imports = psutil.Process().memory_info().rss
+    rss_after_imports = current_rss()
     cfg = load_config(None, overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -191,10 +200,11 @@ def one_run(a: argparse.Namespace, side: str, algo: str, model: Path, rm: Path, 
 
 
 def measure(a: argparse.Namespace, algo: str, model: Path, rm: Path, prompts: Path) -> dict[str, list[dict]]:
-    """One warm-up run per side (discarded), then `repeats` alternating pefrl / TRL runs."""
+    """`warmup_runs` runs per side (discarded: page cache, lazy imports), then `repeats` alternating runs."""
     runs: dict[str, list[dict]] = {"pefrl": [], "trl": []}
-    for side in ("pefrl", "trl"):
-        one_run(a, side, algo, model, rm, prompts, "warmup")
+    for w in range(a.warmup_runs):
+        for side in ("pefrl", "trl"):
+            one_run(a, side, algo, model, rm, prompts, f"warmup{w}")
     for i in range(a.repeats):
         order = ("pefrl", "trl") if i % 2 == 0 else ("trl", "pefrl")  # neither side always runs first
         for side in order:
@@ -229,8 +239,8 @@ def summarize(runs: list[dict], skip: int) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| pair | side | median step (s) | tokens/s (step) | tokens/s (generate) | peak RSS (MiB) | "
-             "RSS growth (MiB) | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| pair | side | median step (s) | gen tokens/step | tokens/s (step) | tokens/s (generate) | "
+             "peak RSS (MiB) | RSS growth (MiB) | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     ratios = ["| pair | speed-up TRL/pefrl step time | pefrl/TRL peak RSS | pefrl/TRL RSS growth | target |",
               "|---|---|---|---|---|"]
     names = {"ppo": "PPO vs TRL PPOTrainer (1.12)", "grpo": "GRPO vs TRL GRPOTrainer (1.16)",
@@ -239,7 +249,8 @@ def table(results: dict[str, dict]) -> str:
     for algo, res in results.items():
         for side in ("pefrl", "trl"):
             s = res[side]
-            lines.append(f"| {names[algo]} | {side} | {fmt(s['median_step_s'])} | {fmt(s['step_tokens_per_s'], '{:.0f}')} | "
+            lines.append(f"| {names[algo]} | {side} | {fmt(s['median_step_s'])} | "
+                         f"{fmt(s['mean_gen_tokens_per_step'], '{:.0f}')} | {fmt(s['step_tokens_per_s'], '{:.0f}')} | "
                          f"{fmt(s['gen_tokens_per_s'], '{:.0f}')} | {fmt(s['peak_rss_mib'], '{:.0f}')} | "
                          f"{fmt(s['rss_growth_mib'], '{:.0f}')} | {fmt(s['cuda_peak_mib'], '{:.0f}')} |")
         p, t = res["pefrl"], res["trl"]
@@ -263,7 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--algos", default="ppo,grpo,rloo")
     p.add_argument("--steps", type=int, default=6, help="RL steps per run")
     p.add_argument("--skip-steps", type=int, default=1, help="first steps of each run left out (warm-up)")
-    p.add_argument("--repeats", type=int, default=3, help="measured runs per side (after one warm-up run each)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per side, alternating")
+    p.add_argument("--warmup-runs", type=int, default=1, help="discarded runs per side before measuring")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per step (PPO: batch_size x num_samples "
                    "prompts, one completion each, since TRL's PPO samples one per prompt)")
     p.add_argument("--num-samples", type=int, default=4)
