@@ -1,0 +1,257 @@
+"""Atomic, pickle-free checkpoints: everything a run needs to continue exactly where it stopped.
+
+```
+output_dir/checkpoint-<step>/          <step> = optimizer-step count of RL steps done = the step a resume starts at
+    adapters/                          models.save_adapters: peft adapters + value head (safetensors + JSON)
+    optimizer.safetensors              every optimizer state tensor, keyed 'state.<param index>.<name>'
+    trainer_state.json                 step, world size, optimizer param_groups and non-tensor state, scheduler,
+                                       KL controller, algo_state, prompt-stream position, format version
+    rng-rank<r>.safetensors / .json    per rank: torch CPU (and CUDA) generator states / python `random` state
+```
+Atomic: every rank writes into `output_dir/.tmp-checkpoint-<step>`, files and directories are fsynced, then rank 0
+renames it to `checkpoint-<step>` (one rename is atomic on POSIX). A crash mid-save leaves only a `.tmp-` directory,
+which is never picked as latest and is removed by the next save; older checkpoints are deleted only after the new
+one is in place (keep-last-N).
+
+No pickle: safetensors and JSON only. A checkpoint directory holding pickle files (`*.bin`, `*.pt`, `*.pth`,
+`*.pkl`, `*.ckpt`) is refused, since unpickling runs arbitrary code; set PEFRL_ALLOW_PICKLE=1 to accept one
+you trust (then torch.load(weights_only=True) reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pefrl.models import load_adapters, save_adapters
+
+if TYPE_CHECKING:
+    from pefrl.trainer import Run
+
+FORMAT_VERSION = 1
+PREFIX, TMP_PREFIX = "checkpoint-", ".tmp-checkpoint-"
+STATE_FILE, OPTIMIZER_FILE, ADAPTERS_DIR = "trainer_state.json", "optimizer.safetensors", "adapters"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ALLOW_PICKLE_ENV = "PEFRL_ALLOW_PICKLE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, from another run shape, or holds pickle files."""
+
+
+# --- finding ------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first. `.tmp-` directories (interrupted saves) never count."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = re.fullmatch(rf"{PREFIX}(\d+)", d.name)
+        if m and d.is_dir() and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """train.resume -> the checkpoint directory to load, or None to start fresh.
+
+    'latest': the newest complete checkpoint in output_dir, or None when there is none yet (so one launch
+    command serves both the first start and every restart after a crash). A path must be a checkpoint.
+    """
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"train.resume={resume}: {path / STATE_FILE} does not exist (not a complete checkpoint)")
+    return path
+
+
+# --- saving -------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Write checkpoint-<step> atomically (collective: every rank must call it), then keep the last N."""
+    acc, cfg = run.accelerator, run.cfg
+    root = Path(cfg.output_dir)
+    tmp, final = root / f"{TMP_PREFIX}{step}", root / f"{PREFIX}{step}"
+    if acc.is_main_process:
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # leftovers of saves that crashed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    _save_rng(tmp, acc.process_index)
+    if acc.is_main_process:
+        save_adapters(run.models, tmp / ADAPTERS_DIR)
+        tensors, opt_json = _split_optimizer(run.optimizer.state_dict())
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": acc.num_processes,
+            "optimizer": opt_json,
+            "scheduler": _jsonable(run.scheduler.state_dict(), "scheduler"),
+            "kl_controller": run.kl_ctl.state_dict(),
+            "algo_state": _jsonable(run.algo_state, "algo_state"),
+            "stream": run.stream.state_dict(),
+        }
+        _write_json(tmp / STATE_FILE, state)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step after a resume: replace it, never leave it half-written
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(root)[: -cfg.train.keep_last]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch optimizer state_dict -> (tensors for safetensors, the rest as JSON). Keys: 'state.<idx>.<name>'."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": _jsonable(state["param_groups"], "optimizer.param_groups"), "scalars": scalars}
+
+
+def _save_rng(directory: Path, rank: int) -> None:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, str(directory / f"rng-rank{rank}.safetensors"))
+    version, internal, gauss = random.getstate()
+    _write_json(directory / f"rng-rank{rank}.json", {"python": [version, list(internal), gauss]})
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    """obj with tuples as lists and 0-d tensors as numbers; anything else non-JSON raises naming `what`."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, what) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, what) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"cannot checkpoint {what}: {type(obj).__name__} is not JSON (safetensors/JSON only)")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root, so the rename publishes data that is on disk."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def pickle_allowed() -> bool:
+    return os.environ.get(ALLOW_PICKLE_ENV, "") in ("1", "true", "yes")
+
+
+def check_no_pickle(directory: str | Path) -> None:
+    """Raise if `directory` holds pickle files and PEFRL_ALLOW_PICKLE is not set (unpickling runs code)."""
+    found = sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if found and not pickle_allowed():
+        raise CheckpointError(
+            f"{directory} holds pickle files {found[:5]}; pefrl loads safetensors and JSON only. If you trust "
+            f"them, set {ALLOW_PICKLE_ENV}=1 to load them with torch.load(weights_only=True)"
+        )
+
+
+def load_checkpoint(run: Run, path: str | Path) -> int:
+    """Restore adapters, value head, optimizer, scheduler, KL controller, algo_state and the prompt stream from
+    `path` into `run`; returns the step to start at. RNG states are restored separately by `restore_rng`,
+    at the start of the loop (evaluation before training draws from the RNG too)."""
+    path = Path(path)
+    check_no_pickle(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {state.get('format_version')}, "
+                              f"this pefrl reads {FORMAT_VERSION}")
+    load_adapters(run.models, path / ADAPTERS_DIR)
+    run.optimizer.load_state_dict(_join_optimizer(path, state["optimizer"], run.optimizer))
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.kl_ctl.load_state_dict(state["kl_controller"])
+    run.algo_state.clear()
+    run.algo_state.update(state["algo_state"])
+    run.stream.load_state_dict(state["stream"])
+    return int(state["step"])
+
+
+def _join_optimizer(path: Path, opt_json: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    file = path / OPTIMIZER_FILE
+    if file.is_file():
+        tensors = load_file(str(file))
+    elif (path / "optimizer.pt").is_file() and pickle_allowed():
+        tensors = torch.load(path / "optimizer.pt", weights_only=True)
+    else:
+        raise CheckpointError(f"{file} missing")
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    n_saved = sum(len(g["params"]) for g in opt_json["param_groups"])
+    if n_params != n_saved:
+        raise CheckpointError(f"{path}: optimizer has {n_saved} parameters, this run trains {n_params} "
+                              "(different lora / critic settings?)")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in opt_json["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": opt_json["param_groups"]}
+
+
+def restore_rng(path: str | Path, rank: int) -> bool:
+    """Set this rank's torch / CUDA / python RNG to the checkpoint's; False (RNG untouched) when the checkpoint
+    has no file for this rank (it was written with fewer ranks: samples then differ from an uninterrupted run)."""
+    path = Path(path)
+    file = path / f"rng-rank{rank}.safetensors"
+    if not file.is_file():
+        return False
+    tensors = load_file(str(file))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[f"cuda_{i}"] for i in range(sum(k.startswith("cuda_") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, internal, gauss = json.loads((path / f"rng-rank{rank}.json").read_text())["python"]
+    random.setstate((version, tuple(internal), gauss))
+    return True

@@ -1,0 +1,59 @@
+"""Failing together: an exception on one rank ends every rank, naming the rank, instead of a hang.
+
+Without this, a rank whose reward function raises leaves the loop while the others wait in the next all-reduce
+until the process-group timeout (30 minutes by default). `RankGuard` wraps the stages that run user code
+(prompts, generation, rewards, environments): at the end of the block every rank all-reduces one flag per rank
+(cheap: `world` floats), so all ranks learn together whether any failed, before any other collective of the step.
+
+    with RankGuard(accelerator, step):
+        ...                      # stages 1-3; an exception here is recorded, then raised on every rank
+
+The failing rank raises `RankError` chained to its own exception (its traceback names the sample); the other ranks
+raise `RankError` naming the failed rank(s). Failures outside the guarded block fall back on the launcher:
+torchrun / `accelerate launch` stops all workers when one exits non-zero.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import torch
+
+
+class RankError(RuntimeError):
+    """Some rank failed during a step; the message names it."""
+
+
+def failed_ranks(flags: torch.Tensor) -> list[int]:
+    """Ranks whose flag is set. flags: (world,) after the all-reduce."""
+    return [int(r) for r in (flags > 0).nonzero().flatten()]
+
+
+class RankGuard:
+    """Context manager: exchange a per-rank failure flag on exit; raise on every rank if any rank failed."""
+
+    def __init__(self, accelerator, step: int):
+        self.accelerator, self.step = accelerator, step
+
+    def __enter__(self) -> RankGuard:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        acc = self.accelerator
+        rank, world = acc.process_index, acc.num_processes
+        if exc is not None and not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt / SystemExit: leave as is
+        if world == 1:
+            return False
+        flags = torch.zeros(world, device=acc.device)
+        flags[rank] = float(exc is not None)
+        torch.distributed.all_reduce(flags)
+        failed = failed_ranks(flags.cpu())
+        if exc is not None:
+            others = [r for r in failed if r != rank]
+            also = f" (ranks {others} failed too)" if others else ""
+            raise RankError(f"rank {rank} failed at step {self.step}{also}: {type(exc).__name__}: {exc}") from exc
+        if failed:
+            raise RankError(f"rank {failed[0] if len(failed) == 1 else failed} failed at step {self.step} "
+                            f"(its error is in its own log); stopping rank {rank} too")
+        return False
