@@ -28,8 +28,10 @@ import torch
 from accelerate import Accelerator
 
 from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm, loss_inputs
+from pefrl.checkpoint import load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from pefrl.config import Config, save_config
 from pefrl.data import PromptStream, format_prompt, load_rows
+from pefrl.distributed import RankGuard
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
 from pefrl.ops.advantages import masked_mean
@@ -56,6 +58,7 @@ class Run:
     kl_ctl: Any
     algo_state: dict[str, float] = field(default_factory=dict)
     start_step: int = 0
+    resumed_from: Path | None = None
 
 
 def setup(
@@ -79,9 +82,14 @@ def setup(
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return Run(cfg=cfg, accelerator=accelerator, algo=algo, tokenizer=tokenizer, models=models, scorer=scorer,
-               stream=PromptStream(rows, seed=cfg.train.seed, shuffle=cfg.data.shuffle), eval_rows=_eval_rows(cfg),
-               params=params, optimizer=optimizer, scheduler=scheduler, kl_ctl=make_kl_controller(cfg.rl))
+    run = Run(cfg=cfg, accelerator=accelerator, algo=algo, tokenizer=tokenizer, models=models, scorer=scorer,
+              stream=PromptStream(rows, seed=cfg.train.seed, shuffle=cfg.data.shuffle), eval_rows=_eval_rows(cfg),
+              params=params, optimizer=optimizer, scheduler=scheduler, kl_ctl=make_kl_controller(cfg.rl))
+    run.resumed_from = resolve_resume(cfg.output_dir, cfg.train.resume)  # None: fresh start
+    if run.resumed_from is not None:
+        run.start_step = load_checkpoint(run, run.resumed_from)
+        accelerator.print(f"resumed from {run.resumed_from} at step {run.start_step}")
+    return run
 
 
 def train(
@@ -106,29 +114,32 @@ def train(
     if eval_rows:
         summary["eval_before"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)
         accelerator.print(f"eval before training: {summary['eval_before']:.3f}")
+    if run.resumed_from is not None:
+        restore_rng(run.resumed_from, rank)  # here, not in setup: evaluation above draws from the RNG too
     t_start, bad_steps, step = time.perf_counter(), 0, run.start_step - 1
     for step in range(run.start_step, cfg.train.steps):
         timer = Timer()
         t0 = time.perf_counter()
 
-        # 1. prompts: this rank's slice of the global batch, each prompt repeated k times (rows k*i..k*i+k-1)
-        global_rows = stream.next_batch(cfg.rollout.batch_size * world)
-        if global_rows is None:
-            accelerator.print(f"prompt source ended after {step} steps")
-            break
-        my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
-        my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
-        texts = [row[cfg.data.prompt_field] for row in my_rows]
-        prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
+        with RankGuard(accelerator, step):  # an error in stages 1-3 on any rank stops every rank, naming it
+            # 1. prompts: this rank's slice of the global batch, each prompt repeated k times (rows k*i..k*i+k-1)
+            global_rows = stream.next_batch(cfg.rollout.batch_size * world)
+            if global_rows is None:
+                accelerator.print(f"prompt source ended after {step} steps")
+                break
+            my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
+            my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
+            texts = [row[cfg.data.prompt_field] for row in my_rows]
+            prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
 
-        # 2. generate with the policy adapter
-        with timer("generate"):
-            rollout = generate(models, tokenizer, prompts, cfg.rollout)
+            # 2. generate with the policy adapter
+            with timer("generate"):
+                rollout = generate(models, tokenizer, prompts, cfg.rollout)
 
-        # 3. score: reward functions see the raw prompt text and every other column
-        with timer("score"):
-            columns = {k: [row[k] for row in my_rows] for k in my_rows[0] if k != cfg.data.prompt_field}
-            scores, reward_stats = scorer(texts, rollout.completions, columns)
+            # 3. score: reward functions see the raw prompt text and every other column
+            with timer("score"):
+                columns = {k: [row[k] for row in my_rows] for k in my_rows[0] if k != cfg.data.prompt_field}
+                scores, reward_stats = scorer(texts, rollout.completions, columns)
 
         # 4. old logprobs, reference logprobs and values, without grad
         with timer("reference"):
@@ -170,6 +181,8 @@ def train(
             accelerator.log(record, step=step)
         if accelerator.is_main_process and (step + 1) % cfg.train.log_every == 0:
             print(progress_line(record, cfg.train.steps), flush=True)
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            save_checkpoint(run, step + 1)  # collective; atomic: a crash here keeps the previous checkpoints
 
     summary["steps"] = step + 1
     summary["train_seconds"] = time.perf_counter() - t_start
