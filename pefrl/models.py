@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from pefrl.config import LoraConfig, ModelConfig
@@ -166,18 +166,87 @@ class Models:
 
 
 def _load_base(model_cfg: ModelConfig) -> PreTrainedModel:
-    if model_cfg.quantization is not None:
-        raise NotImplementedError(
-            f"model.quantization={model_cfg.quantization!r} is not supported yet; load the base unquantized"
-        )
+    quant = quantization_config(model_cfg)
+    kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
     base = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_cfg),
         dtype=DTYPES[model_cfg.dtype],
         trust_remote_code=model_cfg.trust_remote_code,
+        **kwargs,
     )
+    if quant is not None:
+        _prepare_quantized(base)
     base.requires_grad_(False)
     _disable_dropout(base)
     return base
+
+
+# --- quantized bases (QLoRA, Dettmers et al. 2023) -----------------------------------------------------------
+
+
+def quantization_config(model_cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    """bitsandbytes config for model.quantization ('4bit' / '8bit'), or None for an unquantized base.
+
+    4-bit: nf4 or fp4 blocks, optional double quantization of the block constants; matmuls dequantize to
+    model.dtype (the compute dtype). 8-bit: LLM.int8() with fp16 outlier matmuls (bitsandbytes' fixed choice).
+    """
+    if model_cfg.quantization is None:
+        return None
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=DTYPES[model_cfg.dtype],
+    )
+
+
+def _load_device() -> torch.device:
+    # bitsandbytes quantizes while loading, on the device the weights land on, and a quantized model cannot be
+    # moved afterwards; so load straight onto this process's device (Accelerate's choice: cuda:<local rank>).
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def _prepare_quantized(base: PreTrainedModel) -> None:
+    """peft's prepare_model_for_kbit_training, minus its gradient checkpointing, plus two CPU/log fixes.
+
+    - It freezes the base and upcasts every non-quantized fp16/bf16 parameter (norms, embeddings, lm_head) to
+      fp32, as QLoRA does for stable training; the quantized matmuls still compute in model.dtype.
+    - Its checkpointing is re-entrant and adapter-unaware; model.gradient_checkpointing switches on ours
+      (`_enable_checkpointing`) in load_models instead.
+    - bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel on the first no-grad eval
+      forward; we turn that off so the frozen base's bytes never change (and saved/merged weights stay readable).
+    - LLM.int8() logs a cast warning on every fp32 matmul; `_Once` lets one through.
+    """
+    prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    for module in base.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
+
+
+class _Once(logging.Filter):
+    """Let the first record starting with `prefix` through, drop the rest (other records pass)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when the model (or the base under a peft model) holds bitsandbytes 4-bit / 8-bit weights."""
+    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
 
 
 def _disable_dropout(model: nn.Module) -> None:
