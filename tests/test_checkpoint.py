@@ -1,0 +1,194 @@
+"""Checkpoints: atomic, safetensors + JSON only, keep-last-N, exact resume.
+
+The resume tests compare final adapters bit for bit: on CPU with one thread every kernel is deterministic, and a
+checkpoint restores every input of the next step (adapters, AdamW moments and step counts, scheduler, KL
+controller, prompt-stream position, torch and python RNG), so nothing may differ at all.
+The kill tests SIGKILL a subprocess (no cleanup runs, as with the OOM killer or a preempted node), once while it
+scores a step and once between writing a checkpoint's files and publishing it, then resume with
+train.resume=latest.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pefrl import checkpoint as ck
+from pefrl.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "algo=ppo", "data.prompts=builtin:arithmetic", "data.eval_prompts=", "reward.functions=[pefrl.tasks.arithmetic:exact_match]",
+    "rollout.batch_size=4", "rollout.max_new_tokens=4", "rl.minibatch_size=2", "lora.r=2", "train.lr=3e-3",
+    "train.save_every=2", "train.keep_last=2", "rl.kl_target=1.0",  # adaptive KL: its state must survive too
+]
+
+
+def _cfg(out: Path, *overrides: str):
+    return load_config(None, [*TINY, f"output_dir={out}", *overrides])
+
+
+def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run_dir / "final").rglob("*.safetensors")):
+        out |= {f"{f.parent.name}/{f.name}:{k}": v for k, v in load_file(str(f)).items()}
+    return out
+
+
+def _assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and len(a) > 4
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert not diffs, f"tensors differ: {diffs}"
+
+
+# --- finding and atomicity ----------------------------------------------------------------------------------
+
+
+def test_latest_ignores_interrupted_and_incomplete_saves(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ck.STATE_FILE).write_text("{}")
+    (tmp_path / ".tmp-checkpoint-12").mkdir()  # a save killed before its rename
+    (tmp_path / "checkpoint-11").mkdir()  # no trainer_state.json: not a checkpoint
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
+    assert ck.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-10"  # numeric, not lexical order
+    assert ck.resolve_resume(tmp_path, None) is None
+    assert ck.resolve_resume(tmp_path / "empty", "latest") is None  # first launch of a restartable job
+    assert ck.resolve_resume(tmp_path, str(tmp_path / "checkpoint-4")) == tmp_path / "checkpoint-4"
+    with pytest.raises(ck.CheckpointError, match="checkpoint-11"):
+        ck.resolve_resume(tmp_path, str(tmp_path / "checkpoint-11"))
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.AdamW(params, lr=0.1, betas=(0.8, 0.95))
+    for _ in range(3):
+        opt.zero_grad()
+        (params[0].sum() ** 2 + params[1].pow(3).sum()).backward()
+        opt.step()
+    tensors, as_json = ck._split_optimizer(opt.state_dict())
+    assert set(tensors) == {f"state.{i}.{n}" for i in (0, 1) for n in ("step", "exp_avg", "exp_avg_sq")}
+    json.dumps(as_json)  # plain JSON, no pickle
+    fresh = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.5)
+    save_file(tensors, str(tmp_path / ck.OPTIMIZER_FILE))
+    fresh.load_state_dict(ck._join_optimizer(tmp_path, as_json, fresh))
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert b["param_groups"][0]["lr"] == 0.1 and tuple(b["param_groups"][0]["betas"]) == (0.8, 0.95)
+    for i in (0, 1):
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["state"][i][name], b["state"][i][name])
+
+
+def test_pickle_files_are_refused_unless_allowed(tmp_path, monkeypatch):
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "adapter_model.bin").write_bytes(b"not really a pickle")
+    monkeypatch.delenv(ck.ALLOW_PICKLE_ENV, raising=False)
+    with pytest.raises(ck.CheckpointError, match=r"adapter_model\.bin.*PEFRL_ALLOW_PICKLE=1"):
+        ck.check_no_pickle(tmp_path)
+    monkeypatch.setenv(ck.ALLOW_PICKLE_ENV, "1")
+    ck.check_no_pickle(tmp_path)  # allowed: no error
+
+
+def test_unjsonable_state_is_an_error_not_a_pickle():
+    with pytest.raises(ck.CheckpointError, match="algo_state: object"):
+        ck._jsonable({"baseline": object()}, "algo_state")
+    assert ck._jsonable({"b": torch.tensor(0.5), "t": (1, 2)}, "x") == {"b": 0.5, "t": [1, 2]}
+
+
+# --- in-process resume --------------------------------------------------------------------------------------
+
+
+def test_resume_is_bit_identical_and_keeps_last_n(tmp_path):
+    from pefrl.trainer import train
+
+    torch.set_num_threads(1)
+    train(_cfg(tmp_path / "full", "train.steps=3", "train.save_every=1"))
+    train(_cfg(tmp_path / "split", "train.steps=2", "train.save_every=1"))  # "stops" after checkpoint-2
+    summary = train(_cfg(tmp_path / "split", "train.steps=3", "train.save_every=1", "train.resume=latest"))
+    assert summary["steps"] == 3
+    _assert_bit_identical(_adapter_tensors(tmp_path / "full"), _adapter_tensors(tmp_path / "split"))
+    # keep_last=2 of checkpoints 1, 2, 3; the optimizer state at step 3 is identical too
+    for run in ("full", "split"):
+        assert [p.name for p in ck.list_checkpoints(tmp_path / run)] == ["checkpoint-2", "checkpoint-3"]
+    opt_full = load_file(str(tmp_path / "full" / "checkpoint-3" / ck.OPTIMIZER_FILE))
+    _assert_bit_identical(opt_full, load_file(str(tmp_path / "split" / "checkpoint-3" / ck.OPTIMIZER_FILE)))
+    state = json.loads((tmp_path / "split" / "checkpoint-3" / ck.STATE_FILE).read_text())
+    assert state["step"] == 3 and state["stream"] == {"epoch": 0, "offset": 12}  # 3 steps x 4 prompts
+    assert state["kl_controller"]["value"] != 0.05  # the adaptive controller moved and was saved
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(3))
+    assert not list((tmp_path / "split").rglob("*.bin")) and not list((tmp_path / "split").rglob("*.pt"))
+
+
+# --- kill -9 (subprocesses) ---------------------------------------------------------------------------------
+
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    import pefrl.checkpoint as ck
+    from pefrl.config import load_config
+    from pefrl.trainer import train
+
+    mode, at = os.environ.get("KILL_MODE", ""), int(os.environ.get("KILL_AT", "0"))
+    calls = {"reward": 0, "save": 0}
+
+    def kill_during_scoring(prompts, completions, **_):  # scores 0: does not change the reward
+        calls["reward"] += 1
+        if mode == "train" and calls["reward"] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [0.0] * len(completions)
+
+    save_adapters = ck.save_adapters
+    def kill_mid_save(models, out):  # files written into .tmp-checkpoint-N, not yet renamed
+        save_adapters(models, out)
+        calls["save"] += 1
+        if mode == "save" and calls["save"] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    ck.save_adapters = kill_mid_save
+
+    train(load_config(None, sys.argv[1:]), extra_rewards=[("kill", kill_during_scoring)])
+""")
+
+
+def _run_driver(tmp_path: Path, out: Path, *overrides: str, mode: str = "", at: int = 0):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "KILL_MODE": mode, "KILL_AT": str(at)}
+    cmd = [sys.executable, str(driver), *TINY, f"output_dir={out}", "train.steps=6", *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_kill9_mid_training_and_mid_save_then_resume_matches_uninterrupted(tmp_path):
+    full = _run_driver(tmp_path, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    reference = _adapter_tensors(tmp_path / "full")
+
+    # killed while scoring step index 4 (the 5th reward call): checkpoint-4 is the latest
+    killed = _run_driver(tmp_path, tmp_path / "train", mode="train", at=5)
+    assert killed.returncode == -9
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "train")] == ["checkpoint-2", "checkpoint-4"]
+    resumed = _run_driver(tmp_path, tmp_path / "train", "train.resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "checkpoint-4 at step 4" in resumed.stdout
+    _assert_bit_identical(reference, _adapter_tensors(tmp_path / "train"))
+
+    # killed inside the second save (checkpoint-4's files written, not yet renamed): checkpoint-2 stays latest
+    killed = _run_driver(tmp_path, tmp_path / "save", mode="save", at=2)
+    assert killed.returncode == -9
+    assert (tmp_path / "save" / ".tmp-checkpoint-4").is_dir() and not (tmp_path / "save" / "checkpoint-4").exists()
+    assert ck.resolve_resume(tmp_path / "save", "latest") == tmp_path / "save" / "checkpoint-2"
+    resumed = _run_driver(tmp_path, tmp_path / "save", "train.resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "checkpoint-2 at step 2" in resumed.stdout
+    assert not list((tmp_path / "save").glob(".tmp-*"))  # the next save cleared the leftover
+    _assert_bit_identical(reference, _adapter_tensors(tmp_path / "save"))
