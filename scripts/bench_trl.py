@@ -81,6 +81,25 @@ class GenerateTimer:
         GenerationMixin.generate = generate
 
 
+class GcTimer:
+    """Times gc.collect: TRL's PPO calls it twice per step, and its cost grows with the process's Python heap
+    (imports), not with the model, so bench.py reports the step time with and without it."""
+
+    def __init__(self):
+        import gc
+
+        self.seconds, original = 0.0, gc.collect
+
+        def collect(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        gc.collect = collect
+
+
 def step_timer_callback():
     from transformers import TrainerCallback
 
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    gen = GenerateTimer()
+    gen, gc_timer = GenerateTimer(), GcTimer()
     callback = step_timer_callback()
     prompts = load_prompts(args.prompts, args.steps * args.batch_size)
     if torch.cuda.is_available():
@@ -224,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "side": "trl", "trl_version": trl.__version__, "algo": args.algo, "steps": args.steps,
         "step_times_s": callback.step_times(), "train_seconds": total,
-        "gen_time_s": gen.seconds, "gen_tokens": gen.tokens,
+        "gen_time_s": gen.seconds, "gen_tokens": gen.tokens, "gc_time_s": gc_timer.seconds,
         "rss_after_imports_bytes": rss_after_imports,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
