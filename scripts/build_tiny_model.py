@@ -62,7 +62,8 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 200) -> None:
+def train(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int, drop_prob: float,
+          log_every: int = 200) -> None:
     """SFT on the train split with fresh sloppy-teacher labels for every example drawn."""
     rng = random.Random(seed)
     train_pairs = arithmetic.pairs("train")
@@ -71,7 +72,7 @@ def train(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int, l
     for step in range(steps):
         batch = [rng.choice(train_pairs) for _ in range(batch_size)]
         prompts = [arithmetic.prompt(a, b) for a, b in batch]
-        completions = [arithmetic.sloppy_sum(a, b, rng)[0] for a, b in batch]
+        completions = [arithmetic.sloppy_sum(a, b, rng, drop_prob)[0] for a, b in batch]
         input_ids, mask, labels = encode_batch(tokenizer, prompts, completions)
         logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -120,7 +121,8 @@ addition, in a way exact-match RL can fix.
 
 ## How it was built
 `python scripts/build_tiny_model.py --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}
---threads {threads}` ({train_seconds} s of training on a shared 2-core CPU). Supervised training (loss on the
+--threads {threads} --drop-prob {drop_prob}` ({train_seconds} s of training wall time on a 2-core CPU shared
+with other jobs; about 4 CPU-minutes). Supervised training (loss on the
 completion and EOS only; AdamW, warmup then cosine decay) on train-split prompts labelled by a *sloppy teacher*
 that adds correctly but forgets each carry independently with probability {drop_prob}. A fresh teacher answer
 is drawn each time a problem is seen, so the model learns the teacher's distribution: on a problem with one
@@ -171,7 +173,8 @@ def write_card(out_dir: Path, model, tokenizer, metrics: dict) -> None:
 
 
 def build(out_dir: Path = arithmetic.DEFAULT_MODEL_DIR, steps: int = STEPS, batch_size: int = BATCH_SIZE,
-          lr: float = LR, seed: int = SEED, threads: int = THREADS) -> dict[str, float]:
+          lr: float = LR, seed: int = SEED, threads: int = THREADS,
+          drop_prob: float = arithmetic.DROP_PROB) -> dict[str, float]:
     """Train and save tokenizer + model to `out_dir`; returns the measured eval numbers."""
     torch.set_num_threads(threads)
     start = time.time()
@@ -179,12 +182,12 @@ def build(out_dir: Path = arithmetic.DEFAULT_MODEL_DIR, steps: int = STEPS, batc
     tokenizer = build_tokenizer(corpus)
     model = build_model("llama", tokenizer, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                         max_positions=64, seed=seed)
-    train(model, tokenizer, steps, batch_size, lr, seed)
+    train(model, tokenizer, steps, batch_size, lr, seed, drop_prob)
     train_s = time.time() - start
     metrics = measure(model, tokenizer, seed)
     metrics.update(train_seconds=round(train_s, 1), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                    threads=threads,
-                   params=sum(p.numel() for p in model.parameters()), drop_prob=arithmetic.DROP_PROB)
+                   params=sum(p.numel() for p in model.parameters()), drop_prob=drop_prob)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -203,8 +206,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--drop-prob", type=float, default=arithmetic.DROP_PROB)
     args = parser.parse_args()
-    build(args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads)
+    build(args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads, args.drop_prob)
 
 
 if __name__ == "__main__":
