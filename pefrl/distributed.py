@@ -57,3 +57,22 @@ class RankGuard:
             raise RankError(f"rank {failed[0] if len(failed) == 1 else failed} failed at step {self.step} "
                             f"(its error is in its own log); stopping rank {rank} too")
         return False
+
+
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_supported(accelerator) -> None:
+    """Stop under FSDP / DeepSpeed instead of silently running unsharded.
+
+    The trainer replicates the base on every rank and averages adapter gradients itself (DDP semantics); it
+    does not pass the model through `accelerator.prepare`, so a sharding config would shard nothing and every
+    rank would still need the whole base in memory. docs/distributed.md lists what sharded runs need.
+    """
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    if kind in SHARDED:
+        raise NotImplementedError(
+            f"accelerate distributed_type {kind} is not supported by pefrl's trainer yet: it would not shard the "
+            "base. Use recipes/accelerate/ddp.yaml (the base replicated, adapters data-parallel) and, if the base "
+            "does not fit one GPU, model.quantization=4bit; see docs/distributed.md"
+        )
