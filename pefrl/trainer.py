@@ -31,7 +31,7 @@ from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm, loss_inputs
 from pefrl.checkpoint import load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from pefrl.config import Config, save_config
 from pefrl.data import PromptStream, format_prompt, load_rows
-from pefrl.distributed import RankGuard
+from pefrl.distributed import RankGuard, check_supported
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
 from pefrl.ops.advantages import masked_mean
@@ -69,6 +69,7 @@ def setup(
     """Load the base once, add adapters, build reward, data, optimizer and KL controller."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.train.trackers or None,
                               project_dir=cfg.output_dir)
+    check_supported(accelerator)  # FSDP / DeepSpeed would shard nothing here: stop, don't run unsharded
     algo = get_algorithm(cfg.algo)
     torch.manual_seed(cfg.train.seed)  # identical adapter and value-head init on every rank
     tokenizer = load_tokenizer(cfg.model)
