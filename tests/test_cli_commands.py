@@ -153,3 +153,11 @@ def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reward_mean"] == pytest.approx(expected)
     with pytest.raises(FileNotFoundError, match="no adapter directory"):
         evaluate_run(run_dir, adapter="checkpoint-9")
+
+
+def test_readme_config_reference_is_fresh():
+    gen = _gen_reference_module()
+    text = (REPO / "README.md").read_text()
+    if gen.START not in text:
+        pytest.skip("README has no config-reference markers yet")
+    assert gen.main(["--check"]) == 0, "run: python scripts/gen_config_reference.py"
