@@ -165,7 +165,8 @@ class Models:
         return params + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
 
-def _load_base(model_cfg: ModelConfig) -> PreTrainedModel:
+def load_base(model_cfg: ModelConfig) -> PreTrainedModel:
+    """The frozen base as training uses it: model.dtype, quantized per model.quantization, dropout off."""
     quant = quantization_config(model_cfg)
     kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
     base = AutoModelForCausalLM.from_pretrained(
@@ -281,7 +282,7 @@ def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool)
     the raw base). The policy then keeps the SFT adapter's LoRA config (lora.r/alpha/targets apply to the
     critic only).
     """
-    base = _load_base(model_cfg)
+    base = load_base(model_cfg)
     peft_cfg = _lora_config(base, lora_cfg)  # before any wrapping: LoRA layers rename what they wrap
     reference = None
     if model_cfg.reference_adapter:

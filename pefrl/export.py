@@ -1,0 +1,243 @@
+"""Export a trained policy: its LoRA adapter (peft format) or a merged full model, verified before it is kept.
+
+```
+RUN_DIR/config.yaml + RUN_DIR/final/            a finished run        (adapters: models.save_adapters layout)
+RUN_DIR/checkpoint-<step>/adapters/             a checkpoint          (config: RUN_DIR/config.yaml)
+any dir with pefrl_heads.json                   an adapter directory  (config: the nearest config.yaml above)
+```
+- adapter-only: OUT holds adapter_config.json + adapter_model.safetensors + tokenizer; load it with
+  `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), OUT)`.
+- merged (`merge=True`): OUT holds config.json + model.safetensors + tokenizer, loadable with plain
+  `AutoModelForCausalLM.from_pretrained(OUT)`. A 4-bit / 8-bit base is loaded quantized exactly as in training
+  and dequantized first, so the merged weights are dequant(W_q) + B A: the policy that was trained, not the
+  original full-precision weights plus an adapter fitted to the quantized ones.
+- value head (`value_head=True`): OUT/value/ holds the critic adapter (model.critic='adapter'), the head's
+  weights and pefrl_heads.json. The head reads the trunk's last hidden state (after the final norm) under the
+  critic adapter, or, for model.critic='shared', under the policy (i.e. the merged model).
+
+Verification: the export is written to a temporary directory, loaded back from disk, and its logits on a few
+prompts are compared with the trained policy's: the policy adapter, unmerged, on the base as trained (a quantized
+base dequantized, see `reference_policy`). The export is moved into OUT only when the max abs difference is within
+the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from pefrl.config import Config, load_config
+from pefrl.models import (
+    CRITIC,
+    DTYPES,
+    HEADS_FILE,
+    POLICY,
+    VALUE_HEAD_FILE,
+    load_base,
+    load_tokenizer,
+    quantization_config,
+    resolve_model_path,
+)
+
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
+"""Default max abs logit difference per export dtype: fp32 allows summation-order noise; bf16 / fp16 allow the
+rounding of W + B A to 8 / 11 mantissa bits (measured in docs/quantization.md)."""
+FALLBACK_PROMPTS = ("What is 12 + 7?", "Write one sentence about the sea.", "1+2=")
+META_FILE = "pefrl_export.json"
+
+
+class ExportError(RuntimeError):
+    """The source is not a run / checkpoint / adapter directory, or the export failed its verification."""
+
+
+@dataclass
+class Source:
+    cfg: Config
+    """The run's resolved config (its model section says which base and how it was loaded)."""
+    adapters: Path
+    """Directory in models.save_adapters layout: policy/, critic/, value_head.safetensors, pefrl_heads.json."""
+
+
+def resolve_source(path: str | Path) -> Source:
+    """A run dir, a checkpoint dir or an adapter dir -> its adapters and the run's config."""
+    path = Path(path).expanduser()
+    for adapters in (path / "final", path / "adapters", path):
+        if (adapters / HEADS_FILE).is_file():
+            break
+    else:
+        raise ExportError(f"{path} is not a run, checkpoint or adapter directory (no {HEADS_FILE} in "
+                          f"{path}/final, {path}/adapters or {path})")
+    for d in (adapters, *adapters.parents):
+        if (d / "config.yaml").is_file():
+            return Source(cfg=load_config(d / "config.yaml"), adapters=adapters)
+    raise ExportError(f"no config.yaml in {adapters} or any directory above it: cannot tell the base model")
+
+
+def trained_policy(cfg: Config, adapters: Path) -> PeftModel:
+    """The policy as trained: the base loaded as in training (maybe quantized) plus the policy adapter."""
+    model = PeftModel.from_pretrained(load_base(cfg.model), str(adapters / POLICY), adapter_name=POLICY)
+    return model.eval()
+
+
+def unquantized_base(cfg: Config, dtype: str) -> PreTrainedModel:
+    """The base in `dtype`; a 4-bit / 8-bit base is loaded quantized as in training, then dequantized, so its
+    weights are dequant(W_q): what the adapter was fit to."""
+    path = resolve_model_path(cfg.model)
+    quant = quantization_config(cfg.model)
+    if quant is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                    trust_remote_code=cfg.model.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], quantization_config=quant,
+                                                device_map={"": "cpu"}, trust_remote_code=cfg.model.trust_remote_code)
+    return base.dequantize().to(DTYPES[dtype])  # nn.Linear layers again
+
+
+def reference_policy(cfg: Config, adapters: Path) -> PeftModel:
+    """What an export must reproduce: the policy adapter, unmerged, on the (dequantized) base in model.dtype.
+
+    Equal to `trained_policy` for an unquantized or 4-bit base (a 4-bit matmul dequantizes the weight and
+    multiplies in the compute dtype). An 8-bit base differs: LLM.int8() also rounds the activations to int8 in
+    every matmul, noise no full-precision export can (or should) reproduce; the report shows it separately.
+    """
+    base = unquantized_base(cfg, cfg.model.dtype)
+    return PeftModel.from_pretrained(base, str(adapters / POLICY), adapter_name=POLICY).eval()
+
+
+def merged_policy(cfg: Config, adapters: Path, dtype: str) -> PreTrainedModel:
+    """The (dequantized) base in `dtype` with the policy adapter merged in: a plain transformers model."""
+    model = PeftModel.from_pretrained(unquantized_base(cfg, dtype), str(adapters / POLICY), adapter_name=POLICY)
+    model = model.to(DTYPES[dtype])  # LoRA weights in the export dtype too, so merging rounds once
+    return model.merge_and_unload().eval()
+
+
+def verify_prompts(cfg: Config, tokenizer, n: int = 3) -> list[str]:
+    """A few prompts in the form the policy saw them: the run's eval (or train) prompts, chat-formatted."""
+    from pefrl.data import format_prompt, load_rows
+
+    texts: list[str] = []
+    for source in (cfg.data.eval_prompts, cfg.data.prompts):
+        if source and not texts:
+            try:
+                texts = [r[cfg.data.prompt_field] for r in load_rows(source, cfg.data.prompt_field, cfg.data.split)[:n]]
+            except Exception:  # a dataset that is not here any more: the check does not need it
+                texts = []
+    return [format_prompt(tokenizer, t, cfg.data.chat_template) for t in (texts or FALLBACK_PROMPTS)]
+
+
+@torch.no_grad()
+def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, tokenizer, prompts: list[str]) -> float:
+    """Max over prompts and positions of |logits_a - logits_b| (fp32), one unpadded prompt at a time."""
+    worst = 0.0
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").input_ids  # (1, L)
+        la = a(input_ids=ids.to(_device(a))).logits.float().cpu()  # (1, L, V)
+        lb = b(input_ids=ids.to(_device(b))).logits.float().cpu()
+        worst = max(worst, (la - lb).abs().max().item())
+    return worst
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def adapter_effect(policy: PeftModel, tokenizer, prompts: list[str]) -> float:
+    """Max abs logit change the adapter makes over the base: a diff far below it means the check is meaningful."""
+    worst = 0.0
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(_device(policy))  # (1, L)
+        with_adapter = policy(input_ids=ids).logits.float()  # (1, L, V)
+        with policy.disable_adapter():
+            base = policy(input_ids=ids).logits.float()
+        worst = max(worst, (with_adapter - base).abs().max().item())
+    return worst
+
+
+def export(source: str | Path, out: str | Path, merge: bool = False, dtype: str | None = None,
+           value_head: bool = False, tolerance: float | None = None) -> dict:
+    """Export SOURCE's policy to OUT (see the module docstring); returns the report also written to OUT.
+
+    dtype: 'fp32' | 'bf16' | 'fp16' for a merged export (default: the run's model.dtype); adapters stay fp32.
+    Raises ExportError (OUT untouched) when the reloaded export's logits differ from the trained policy's by more
+    than `tolerance` (default: TOLERANCE of the export dtype).
+    """
+    src = resolve_source(source)
+    cfg, out = src.cfg, Path(out).expanduser()
+    dtype = EXPORT_DTYPES[dtype] if dtype else cfg.model.dtype
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; choose a new --out")
+    tmp = out.parent / f".tmp-export-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        report = _write_and_verify(src, tmp, merge, dtype, value_head)
+        report["tolerance"] = tolerance
+        (tmp / META_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if not report["max_abs_diff"] <= tolerance:  # also catches nan
+            raise ExportError(f"export does not reproduce the policy: max |logit diff| {report['max_abs_diff']:.3g} "
+                              f"> tolerance {tolerance:g}")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _write_and_verify(src: Source, tmp: Path, merge: bool, dtype: str, value_head: bool) -> dict:
+    cfg = src.cfg
+    tokenizer = load_tokenizer(cfg.model)
+    if merge:
+        merged = merged_policy(cfg, src.adapters, dtype)
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        del merged
+        # what a user gets: plain transformers, no peft, no bitsandbytes
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=DTYPES[dtype]).eval()
+        reference = reference_policy(cfg, src.adapters)
+    else:
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(src.adapters / POLICY / f, tmp / f)
+        reloaded = PeftModel.from_pretrained(load_base(cfg.model), str(tmp)).eval()
+        reference = trained_policy(cfg, src.adapters)
+    tokenizer.save_pretrained(str(tmp))
+    if value_head:
+        _copy_value_head(src.adapters, tmp / "value")
+    prompts = verify_prompts(cfg, tokenizer)
+    report = {
+        "source": str(src.adapters),
+        "base": resolve_model_path(cfg.model),
+        "base_quantization": cfg.model.quantization,
+        "merged": merge,
+        "dtype": dtype if merge else "float32 (adapter)",
+        "value_head": value_head,
+        "prompts": len(prompts),
+        "max_abs_diff": max_logit_diff(reloaded, reference, tokenizer, prompts),
+        "adapter_effect": adapter_effect(reference, tokenizer, prompts),
+    }
+    if merge and cfg.model.quantization is not None:
+        del reference
+        # information only: the distance to the policy as it ran in training, on the quantized base
+        report["max_abs_diff_vs_quantized"] = max_logit_diff(reloaded, trained_policy(cfg, src.adapters),
+                                                             tokenizer, prompts)
+    return report
+
+
+def _copy_value_head(adapters: Path, dest: Path) -> None:
+    meta = json.loads((adapters / HEADS_FILE).read_text())
+    if not meta.get("value_head"):
+        raise ExportError(f"{adapters} has no value head (the run's algorithm has no critic)")
+    dest.mkdir(parents=True)
+    shutil.copy2(adapters / VALUE_HEAD_FILE, dest / VALUE_HEAD_FILE)
+    if meta["critic"] == "adapter":
+        shutil.copytree(adapters / CRITIC, dest / CRITIC)
+    kept = {"adapters": [CRITIC] if meta["critic"] == "adapter" else [], "critic": meta["critic"],
+            "reference": None, "value_head": True}
+    (dest / HEADS_FILE).write_text(json.dumps(kept, indent=2) + "\n")

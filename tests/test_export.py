@@ -1,0 +1,143 @@
+"""`pefrl export`: adapter-only and merged exports load with plain peft / transformers and reproduce the policy.
+
+Run directories are written the way the trainer writes them (config.yaml + final/ from models.save_adapters),
+with LoRA B drawn at std 0.1 so the adapter moves logits by O(1): a merge that lost or mis-scaled the adapter
+would miss by that much, far above the 1e-4 the fp32 export must meet.
+"""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pefrl import export as ex
+from pefrl.cli import main
+from pefrl.config import load_config, save_config
+from pefrl.models import load_models, save_adapters
+from pefrl.tiny import build_model, build_tokenizer
+
+torch.set_num_threads(1)
+PROMPTS = ["1+2=", "33+44=", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    tok = build_tokenizer()
+    d = tmp_path_factory.mktemp("base")
+    build_model("llama", tok, hidden_size=64, num_layers=2).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _make_run(run_dir, base_dir, *overrides):
+    """A finished run's layout: config.yaml and final/ with trained-looking (nonzero) adapters and head."""
+    cfg = load_config(None, [f"model.name_or_path={base_dir}", "data.eval_prompts=", "lora.r=4",
+                             f"output_dir={run_dir}", *overrides])
+    torch.manual_seed(0)
+    models = load_models(cfg.model, cfg.lora, uses_critic=True)
+    with torch.no_grad():
+        for name, p in models.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    save_adapters(models, run_dir / "final")
+    return cfg
+
+
+@torch.no_grad()
+def _logits(model, tok):
+    return [model(input_ids=tok(p, return_tensors="pt").input_ids).logits.float() for p in PROMPTS]  # (1, L, V)
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def _policy_logits(cfg, run_dir, tok):
+    policy = ex.trained_policy(cfg, run_dir / "final")
+    with policy.disable_adapter():
+        base = _logits(policy, tok)
+    return _logits(policy, tok), base
+
+
+def test_merged_fp32_export_is_a_plain_model_within_1e_4(base_dir, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "merged"
+    cfg = _make_run(run, base_dir)
+    assert main(["export", str(run), "--out", str(out), "--merge", "--dtype", "fp32"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report["merged"] and report["max_abs_diff"] < 1e-4
+    assert report["adapter_effect"] > 0.1  # the check compares something the adapter really changes
+
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(out)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # no peft involved
+    policy, base = _policy_logits(cfg, run, tok)
+    assert _max_diff(_logits(plain, tok), policy) < 1e-4
+    assert _max_diff(base, policy) > 0.1
+
+
+def test_adapter_export_loads_with_peft_and_keeps_the_value_head(base_dir, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "adapter"
+    cfg = _make_run(run, base_dir)
+    assert main(["export", str(run), "--out", str(out), "--value-head"]) == 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(out)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+    assert _max_diff(_logits(loaded, tok), _policy_logits(cfg, run, tok)[0]) == 0.0
+    # value head: the critic adapter and the head's weights, bit for bit
+    assert load_file(out / "value" / "value_head.safetensors").keys() == {"linear.weight", "linear.bias"}
+    for f in ("value_head.safetensors", "critic/adapter_model.safetensors"):
+        a, b = load_file(out / "value" / f), load_file(run / "final" / f)
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert json.loads((out / "value" / "pefrl_heads.json").read_text())["critic"] == "adapter"
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_quantized_base_is_dequantized_before_merging(base_dir, tmp_path, quant):
+    run, out = tmp_path / "run", tmp_path / "merged"
+    cfg = _make_run(run, base_dir, f"model.quantization={quant}")
+    report = ex.export(run, out, merge=True, dtype="fp32")
+    assert report["base_quantization"] == quant and report["max_abs_diff"] < 1e-4
+    tok = AutoTokenizer.from_pretrained(out)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(out).eval(), tok)
+    # vs the policy as it ran on the quantized base: a 4-bit matmul is dequant(W) @ x exactly; LLM.int8() also
+    # rounds activations to int8, which an fp32 model does not reproduce (reported, not failed)
+    as_trained = _max_diff(merged, _policy_logits(cfg, run, tok)[0])
+    for diff in (as_trained, report["max_abs_diff_vs_quantized"]):  # our prompts and the export's own
+        assert diff < 1e-4 if quant == "4bit" else 1e-4 < diff < 0.1
+    # merging into the original fp32 weights instead would be off by the weight quantization error
+    fp32_cfg = load_config(run / "config.yaml", ["model.quantization="])
+    assert _max_diff(merged, _policy_logits(fp32_cfg, run, tok)[0]) > 1e-3
+
+
+def test_an_export_that_loses_the_adapter_fails_and_writes_nothing(base_dir, tmp_path, monkeypatch, capsys):
+    run, out = tmp_path / "run", tmp_path / "merged"
+    _make_run(run, base_dir)
+    monkeypatch.setattr(ex, "merged_policy", lambda cfg, adapters, dtype: AutoModelForCausalLM.from_pretrained(
+        base_dir))  # a broken merge: the base alone
+    assert main(["export", str(run), "--out", str(out), "--merge"]) == 1
+    assert "does not reproduce the policy" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-export-*"))
+
+
+def test_bf16_merged_export_and_checkpoint_sources(base_dir, tmp_path):
+    run = tmp_path / "run"
+    _make_run(run, base_dir)
+    ckpt = run / "checkpoint-2" / "adapters"
+    ckpt.parent.mkdir()
+    (run / "final").rename(ckpt)  # a checkpoint's adapters; the config is the run's
+    for source in (run / "checkpoint-2", ckpt):
+        assert ex.resolve_source(source).adapters == ckpt
+    report = ex.export(run / "checkpoint-2", tmp_path / "bf16", merge=True, dtype="bf16")
+    assert report["dtype"] == "bfloat16" and 0 < report["max_abs_diff"] < ex.TOLERANCE["bfloat16"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(ex.ExportError, match="not empty"):
+        ex.export(run / "checkpoint-2", tmp_path / "bf16", merge=True)
+    with pytest.raises(ex.ExportError, match="not a run"):
+        ex.resolve_source(tmp_path)
