@@ -318,10 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = measure(a, algo, model, rm, prompts)
         results[algo] = {side: summarize(r, a.skip_steps) for side, r in runs.items()}
         raw[algo] = runs
+        if a.out:  # after every pair, so a long run that is cut off keeps what it measured
+            Path(a.out).write_text(json.dumps({"args": vars(a), "model": str(model), "load_average": os.getloadavg(),
+                                               "summary": results, "runs": raw}, indent=1))
     print(table(results))
     print(f"load average after: {os.getloadavg()}")
-    if a.out:
-        Path(a.out).write_text(json.dumps({"args": vars(a), "model": str(model), "summary": results, "runs": raw}, indent=1))
     return 0
 
 
