@@ -293,6 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     p.add_argument("--pefrl-override", action="append", default=[], help="extra pefrl dotted.key=value")
     p.add_argument("--out", help="write all runs and the summary as JSON here")
+    p.add_argument("--table-from", help="print the tables of an earlier --out JSON and exit")
     p.add_argument("--child-pefrl", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -301,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.child_pefrl:
         child_pefrl(json.loads(a.child_pefrl), a.threads)
+        return 0
+    if a.table_from:
+        print(table(json.loads(Path(a.table_from).read_text())["summary"]))
         return 0
     algos = [x.strip() for x in a.algos.split(",") if x.strip()]
     for algo in algos:
