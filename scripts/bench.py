@@ -257,7 +257,7 @@ def table(results: dict[str, dict]) -> str:
                          f"{fmt(s['rss_growth_mib'], '{:.0f}')} | {fmt(s['cuda_peak_mib'], '{:.0f}')} |")
         p, t = res["pefrl"], res["trl"]
         target = ">= 2x faster, <= 0.6x memory" if algo == "ppo" else ">= 1.3x faster, <= 1.0x memory"
-        no_gc = (t["median_step_s"] - t["gc_s_per_step"]) / p["median_step_s"]
+        no_gc = (t["median_step_s"] - t.get("gc_s_per_step", 0.0)) / p["median_step_s"]
         ratios.append(f"| {algo} | {t['median_step_s'] / p['median_step_s']:.2f}x | {no_gc:.2f}x | "
                       f"{p['peak_rss_mib'] / t['peak_rss_mib']:.2f} | {p['rss_growth_mib'] / t['rss_growth_mib']:.2f} | "
                       f"{target} |")
