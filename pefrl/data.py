@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pefrl.config import DataConfig
+
 BUILTINS = {"builtin:arithmetic": "train", "builtin:arithmetic-eval": "eval"}
 
 
@@ -68,7 +70,11 @@ def _read_datasets(source: str, split: str) -> list[dict[str, Any]]:
     elif path.suffix in (".csv", ".parquet"):
         if not path.is_file():
             raise DataError(f"prompt file {source} does not exist")
-        ds = datasets.load_dataset(path.suffix[1:], data_files=source, split="train")
+        try:
+            ds = datasets.load_dataset(path.suffix[1:], data_files=source, split="train")
+        except Exception as e:  # zero-byte or header-only files fail inside datasets with messages naming no file
+            raise DataError(f"prompt file {source} holds no rows or is not valid {path.suffix[1:]} "
+                            f"({type(e).__name__}: {e})") from e
     else:
         ds = datasets.load_dataset(source)
     if isinstance(ds, datasets.DatasetDict):
@@ -131,6 +137,59 @@ class PromptStream:
             return
         self.epoch, self.offset = state["epoch"], state["offset"]
         self._order = self._make_order()
+
+
+def context_length(model_config) -> int | None:
+    """Positions the model can attend over (max_position_embeddings; GPT-2: n_positions), None if unknown."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def check_prompt_lengths(
+    rows: list[dict[str, Any]] | Iterable[dict[str, Any]],
+    tokenizer,
+    data_cfg: DataConfig,
+    max_new_tokens: int,
+    max_positions: int | None,
+    source: str,
+) -> list[dict[str, Any]] | Iterable[dict[str, Any]]:
+    """`rows`, after checking that every prompt fits: a list is checked now (fail at start, not hours in), an
+    online iterable row by row as it is drawn. Prompts are never cut silently; the error names the row index.
+
+    Limit: data.max_prompt_length tokens, and prompt + rollout.max_new_tokens within the model's positions.
+    Counted as `generate` encodes: after the chat template, plus the special tokens the tokenizer adds.
+    """
+    max_prompt_length, prompt_field, chat_template = (data_cfg.max_prompt_length, data_cfg.prompt_field,
+                                                      data_cfg.chat_template)
+    limit = max_prompt_length
+    if max_positions is not None:
+        limit = min(limit, max_positions - max_new_tokens)
+
+    def check(index: int, batch: list[dict[str, Any]]) -> None:
+        texts = [format_prompt(tokenizer, row[prompt_field], chat_template) for row in batch]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        bos = tokenizer.bos_token
+        specials = len(tokenizer("", add_special_tokens=True)["input_ids"])  # what encoding adds (BOS, ...)
+        for i, (text, n) in enumerate(zip(texts, lengths)):
+            n += 0 if bos and text.startswith(bos) else specials
+            if n > limit:
+                why = (f"data.max_prompt_length is {max_prompt_length}" if n > max_prompt_length else
+                       f"with rollout.max_new_tokens={max_new_tokens} it needs {n + max_new_tokens} positions, the "
+                       f"model has {max_positions}")
+                raise DataError(f"{source}: row {index + i} has a {n}-token prompt; {why} (prompts are never cut: "
+                                f"shorten or drop it). Prompt starts {text[:80]!r}")
+
+    if isinstance(rows, list):
+        for start in range(0, len(rows), 1024):
+            check(start, rows[start : start + 1024])
+        return rows
+
+    def checked() -> Iterator[dict[str, Any]]:
+        for i, row in enumerate(rows):
+            check(i, [row])
+            yield row
+
+    return checked()
 
 
 def format_prompt(tokenizer, text: str, mode: str) -> str:
