@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm, loss_inputs
 from pefrl.checkpoint import load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from pefrl.config import Config, save_config
-from pefrl.data import PromptStream, format_prompt, load_rows
+from pefrl.data import PromptStream, check_prompt_lengths, context_length, format_prompt, load_rows
 from pefrl.distributed import RankGuard, check_supported
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
@@ -79,12 +79,17 @@ def setup(
         models.value_head.to(accelerator.device)
     scorer = build_scorer(cfg.reward, extra_rewards)
     rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data.prompt_field, cfg.data.split)
+    positions = context_length(models.model.config)  # prompts that do not fit are an error, named by row index
+    rows = check_prompt_lengths(rows, tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
+                                source=cfg.data.prompts if prompt_source is None else "prompt_source")
+    eval_rows = check_prompt_lengths(_eval_rows(cfg), tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
+                                     source=str(cfg.data.eval_prompts))
     params = models.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     run = Run(cfg=cfg, accelerator=accelerator, algo=algo, tokenizer=tokenizer, models=models, scorer=scorer,
-              stream=PromptStream(rows, seed=cfg.train.seed, shuffle=cfg.data.shuffle), eval_rows=_eval_rows(cfg),
+              stream=PromptStream(rows, seed=cfg.train.seed, shuffle=cfg.data.shuffle), eval_rows=eval_rows,
               params=params, optimizer=optimizer, scheduler=scheduler, kl_ctl=make_kl_controller(cfg.rl))
     run.resumed_from = resolve_resume(cfg.output_dir, cfg.train.resume)  # None: fresh start
     if run.resumed_from is not None:
