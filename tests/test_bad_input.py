@@ -1,0 +1,165 @@
+"""Bad input gets a clear error naming what is wrong: data, prompt lengths, tokenizer, LoRA targets, model path,
+remote code."""
+
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pefrl.config import DataConfig, LoraConfig, ModelConfig, load_config
+from pefrl.data import DataError, check_prompt_lengths, context_length, load_rows
+from pefrl.models import load_models, load_tokenizer
+from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig(name_or_path=str(DEFAULT_MODEL_DIR)))
+
+
+# --- prompt files -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n  \n"), ("header.csv", "prompt\n"),
+                                          ("zero.csv", "")])
+def test_empty_prompt_file_is_an_error_naming_the_file(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / name))} holds no rows"):
+        load_rows(str(tmp_path / name))
+
+
+def test_missing_prompt_file_and_missing_field_are_named(tmp_path):
+    with pytest.raises(DataError, match="nothere.jsonl does not exist"):
+        load_rows(str(tmp_path / "nothere.jsonl"))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1="}\n{"question": "2+2="}\n')
+    with pytest.raises(DataError, match=r"row 1 has no string field 'prompt' \(fields: \['question'\]\)"):
+        load_rows(str(tmp_path / "p.jsonl"))
+
+
+# --- prompt lengths -----------------------------------------------------------------------------------------
+
+
+def _rows(*texts):
+    return [{"prompt": t} for t in texts]
+
+
+def test_prompt_over_max_prompt_length_names_its_row(tokenizer):
+    # the tiny tokenizer splits digits (as Llama does) and adds no BOS: "1+1=" is 4 tokens, each "12+" 3 more
+    short, long = "1+1=", "12+" * 5 + "1="
+    assert len(tokenizer(short).input_ids) == 4 and len(tokenizer(long).input_ids) == 17
+    cfg = DataConfig(max_prompt_length=10, chat_template="off")
+    assert check_prompt_lengths(_rows(short, short), tokenizer, cfg, 4, 64, "p.jsonl") == _rows(short, short)
+    with pytest.raises(DataError, match=r"p.jsonl: row 2 has a 17-token prompt; data.max_prompt_length is 10"):
+        check_prompt_lengths(_rows(short, short, long), tokenizer, cfg, 4, 64, "p.jsonl")
+
+
+def test_prompt_plus_new_tokens_over_the_models_positions_names_its_row(tokenizer):
+    cfg = DataConfig(max_prompt_length=256, chat_template="off")
+    long = "12+" * 5 + "1="  # 17 tokens
+    check_prompt_lengths(_rows(long), tokenizer, cfg, 47, 64, "src")  # 17 + 47 = 64: fits exactly
+    with pytest.raises(DataError, match=r"src: row 0 has a 17-token prompt; with rollout.max_new_tokens=48 it needs "
+                                        r"65 positions, the model has 64"):
+        check_prompt_lengths(_rows(long), tokenizer, cfg, 48, 64, "src")
+
+
+def test_online_prompts_are_checked_as_they_are_drawn(tokenizer):
+    cfg = DataConfig(max_prompt_length=10, chat_template="off")
+    stream = check_prompt_lengths(iter(_rows("1+1=", "2+2=", "12+" * 5 + "1=")), tokenizer, cfg, 4, None, "online")
+    assert next(stream) == {"prompt": "1+1="} and next(stream) == {"prompt": "2+2="}  # lazy: no error yet
+    with pytest.raises(DataError, match="online: row 2 has a 17-token prompt"):
+        next(stream)
+
+
+def test_context_length_reads_llama_and_gpt2_configs():
+    assert context_length(SimpleNamespace(max_position_embeddings=64)) == 64
+    assert context_length(SimpleNamespace(n_positions=1024)) == 1024
+    assert context_length(SimpleNamespace()) is None
+
+
+def test_setup_refuses_a_too_long_prompt_before_training(tmp_path):
+    from pefrl.trainer import setup
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["1+1=", "2+2=", "3+" * 40 + "1="]))
+    cfg = load_config(None, [f"data.prompts={data}", "data.eval_prompts=", f"output_dir={tmp_path}",
+                             "reward.functions=[pefrl.tasks.arithmetic:exact_match]", "rollout.batch_size=2",
+                             "rl.minibatch_size=2"])
+    with pytest.raises(DataError, match=rf"{re.escape(str(data))}: row 2 has a 82-token prompt; with "
+                                        r"rollout.max_new_tokens=16 it needs 98 positions, the model has 64"):
+        setup(cfg)
+
+
+# --- tokenizer, LoRA targets, model path, remote code -------------------------------------------------------
+
+
+def test_tokenizer_without_pad_token_pads_with_eos_and_warns(tmp_path, tokenizer):
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(DEFAULT_MODEL_DIR)))
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "nopad")
+    with pytest.warns(UserWarning, match="tokenizer has no pad token; using EOS '</s>' as pad"):
+        tok = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nopad")))
+    assert tok.pad_token == "</s>" and tok.padding_side == "left"
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path / "nopad-noeos")
+    with pytest.raises(ValueError, match="has neither a pad nor an EOS token; add a pad token"):
+        load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nopad-noeos")))
+
+
+def test_lora_targets_that_match_nothing_list_the_modules_that_exist():
+    cfg = ModelConfig(name_or_path=str(DEFAULT_MODEL_DIR))
+    with pytest.raises(ValueError, match=r"lora.target_modules \['qkv_proj'\] match no linear layer of this llama; "
+                                         r"linear layers it has: \['down_proj', 'gate_proj', 'k_proj', 'o_proj', "
+                                         r"'q_proj', 'up_proj', 'v_proj'\]"):
+        load_models(cfg, LoraConfig(r=2, target_modules=["q_proj", "qkv_proj"]), uses_critic=False)
+
+
+@pytest.mark.parametrize("path", ["./no/such/model", "/no/such/model", "~/no-such-model-dir/"])
+def test_model_path_that_does_not_exist_is_named(path):
+    with pytest.raises(FileNotFoundError, match=f"model.name_or_path {re.escape(path)} does not exist"):
+        load_tokenizer(ModelConfig(name_or_path=path))
+
+
+def _remote_code_model(directory: Path) -> Path:
+    """The tiny model with a config that names its own Python classes (auto_map), as hub repos with custom
+    code do; importing that code writes a marker file."""
+    directory.mkdir()
+    for f in DEFAULT_MODEL_DIR.iterdir():
+        if f.suffix in (".json", ".safetensors"):
+            shutil.copy(f, directory / f.name)
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["model_type"] = "pefrl-remote-llama"
+    cfg["auto_map"] = {"AutoConfig": "configuration_remote.RemoteConfig",
+                       "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"}
+    (directory / "config.json").write_text(json.dumps(cfg))
+    marker = directory / "REMOTE_CODE_RAN"
+    (directory / "configuration_remote.py").write_text(
+        "from transformers import LlamaConfig\n"
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "class RemoteConfig(LlamaConfig):\n    model_type = 'pefrl-remote-llama'\n")
+    (directory / "modeling_remote.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_remote import RemoteConfig\n"
+        "class RemoteForCausalLM(LlamaForCausalLM):\n    config_class = RemoteConfig\n")
+    return marker
+
+
+def test_remote_code_runs_only_when_the_config_turns_it_on(tmp_path):
+    from pefrl.models import load_base
+
+    marker = _remote_code_model(tmp_path / "remote")
+    assert ModelConfig().trust_remote_code is False  # the default
+    with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code"):
+        load_base(ModelConfig(name_or_path=str(tmp_path / "remote")))
+    assert not marker.exists()  # refused before any of its code ran
+    base = load_base(ModelConfig(name_or_path=str(tmp_path / "remote"), trust_remote_code=True))
+    assert type(base).__name__ == "RemoteForCausalLM" and marker.exists()
+
+
+def test_no_code_path_turns_remote_code_on_by_itself():
+    for f in (REPO / "pefrl").rglob("*.py"):
+        assert not re.search(r"trust_remote_code\s*=\s*True", f.read_text()), f
