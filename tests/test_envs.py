@@ -10,7 +10,7 @@ import pefrl.envs as envs_module
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
 from pefrl.envs import EVAL_SEED_OFFSET, Environment, eval_rows, make_envs, rollout_episodes, seed_rows
 from pefrl.rollout import Rollout
-from pefrl.tasks.games import GuessingGame, TicTacToe, first_integer
+from pefrl.tasks.games import GuessingGame, ShapedGuessingGame, TicTacToe, first_integer
 from pefrl.tiny import build_model, build_tokenizer
 
 torch.set_num_threads(1)
@@ -34,6 +34,20 @@ def test_guessing_game_answers_by_hand():
     assert game.guesses == [12, 14, None, 13]
     game.reset()  # the next episode draws its number from the same seeded stream
     assert game.guesses == [] and game.secret == 14  # the second randint(1, 20) of random.Random(0)
+
+
+def test_shaped_guessing_game_rewards_by_hand():
+    game = ShapedGuessingGame(seed=0)
+    game.reset()  # secret 13, high 20, shaping 0.5
+    # phi: before -1; 3 -> -10/20 = -0.5; 'x' -> -1; 15 -> -2/20 = -0.1; 13 -> 0
+    steps = [game.step(t) for t in ("3", "x", "15", "13")]
+    assert [(obs, done) for obs, _, done in steps] == [(" higher=", False), (" number=", False), (" lower=", False),
+                                                        ("correct", True)]
+    rewards = [r for _, r, _ in steps]
+    assert rewards == pytest.approx([0.5 * 0.5, 0.5 * -0.5, 0.5 * 0.9, 1.0 + 0.5 * 0.1])
+    assert sum(rewards) == pytest.approx(1.5)  # telescopes: 0.5 * (0 - (-1)) + 1.0
+    game.reset()
+    assert game.step("500")[1] == 0.0  # farther than `high` is clamped to phi = -1: no gain
 
 
 def test_tic_tac_toe_win_illegal_and_opponent():

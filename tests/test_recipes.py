@@ -42,8 +42,8 @@ def test_issue_recipes_are_present():
 def test_recipe_config_loads_and_its_files_exist(config, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config(config)
-    text = config.read_text()
-    assert "Real model" in text or "Real-model" in text, f"{config.name} must name the real model users would pick"
+    if config.stem in RECIPES:
+        assert "Real model" in config.read_text(), f"{config.name} must name the real model users would pick"
     for spec in cfg.reward.functions:
         load_function(spec)
     if cfg.reward.model:
@@ -80,8 +80,11 @@ def _train(config: Path, out: Path, *overrides: str) -> subprocess.CompletedProc
 def test_recipe_smoke_two_steps(config, tmp_path):
     if not _embedded_model_present():
         pytest.skip("embedded model pefrl/assets/tiny-arith not built")
-    if load_config(config).env.name and not _trainer_runs_envs():
+    cfg = load_config(config)
+    if cfg.env.name and not _trainer_runs_envs():
         pytest.skip("trainer does not run environments yet (env.name)")
+    if cfg.model.name_or_path and not Path(cfg.model.name_or_path).expanduser().exists():
+        pytest.skip(f"{cfg.model.name_or_path} is not prepared here (see the config's header)")
     out = tmp_path / "run"
     result = _train(config, out)
     assert result.returncode == 0, result.stderr[-3000:]
