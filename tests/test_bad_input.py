@@ -1,10 +1,12 @@
-"""Bad input gets a clear error naming what is wrong: data, prompt lengths, tokenizer, LoRA targets, model path,
-remote code."""
+"""Bad input gets a clear error naming what is wrong: data, prompt lengths, LoRA targets, model path, remote code.
+
+A tokenizer without a pad token (EOS pads, with a warning; neither pad nor EOS: an error) is tested in
+test_models.py::test_tokenizer_pad_fallbacks.
+"""
 
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,19 +98,6 @@ def test_setup_refuses_a_too_long_prompt_before_training(tmp_path):
 
 
 # --- tokenizer, LoRA targets, model path, remote code -------------------------------------------------------
-
-
-def test_tokenizer_without_pad_token_pads_with_eos_and_warns(tmp_path, tokenizer):
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(DEFAULT_MODEL_DIR)))
-    tokenizer.pad_token = None
-    tokenizer.save_pretrained(tmp_path / "nopad")
-    with pytest.warns(UserWarning, match="tokenizer has no pad token; using EOS '</s>' as pad"):
-        tok = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nopad")))
-    assert tok.pad_token == "</s>" and tok.padding_side == "left"
-    tokenizer.eos_token = None
-    tokenizer.save_pretrained(tmp_path / "nopad-noeos")
-    with pytest.raises(ValueError, match="has neither a pad nor an EOS token; add a pad token"):
-        load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nopad-noeos")))
 
 
 def test_lora_targets_that_match_nothing_list_the_modules_that_exist():
