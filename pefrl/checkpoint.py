@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -246,6 +247,8 @@ def restore_rng(path: str | Path, rank: int) -> bool:
     path = Path(path)
     file = path / f"rng-rank{rank}.safetensors"
     if not file.is_file():
+        warnings.warn(f"{path} has no RNG state for rank {rank} (saved with fewer ranks): this rank keeps its fresh "
+                      "seed, so its samples differ from an uninterrupted run", stacklevel=2)
         return False
     tensors = load_file(str(file))
     torch.set_rng_state(tensors["torch_cpu"])

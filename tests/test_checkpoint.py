@@ -192,3 +192,18 @@ def test_kill9_mid_training_and_mid_save_then_resume_matches_uninterrupted(tmp_p
     assert "checkpoint-2 at step 2" in resumed.stdout
     assert not list((tmp_path / "save").glob(".tmp-*"))  # the next save cleared the leftover
     _assert_bit_identical(reference, _adapter_tensors(tmp_path / "save"))
+
+
+def test_rng_restore_is_exact_and_warns_for_a_rank_the_checkpoint_lacks(tmp_path):
+    import random
+
+    torch.manual_seed(123)
+    random.seed(7)
+    ck._save_rng(tmp_path, rank=0)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(999)
+    random.seed(999)
+    assert ck.restore_rng(tmp_path, rank=0)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    with pytest.warns(UserWarning, match="no RNG state for rank 1"):
+        assert not ck.restore_rng(tmp_path, rank=1)
