@@ -1,5 +1,6 @@
 """TRPO: conjugate gradient, Fisher-vector products, the trust region and the line search on a tiny model."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -221,3 +222,20 @@ def test_trpo_update_moves_policy_by_natural_gradient_and_critic_by_adamw_only(m
     # AdamW never saw a policy gradient: it holds no state for the policy adapter
     assert all(p not in optimizer.state for p in policy) and all(p in optimizer.state for p in critic)
     assert all(p.grad is None for p in params)
+
+
+@pytest.mark.slow  # launches two processes through accelerate (20-60 s on 2 cores)
+def test_two_ranks_take_the_same_natural_gradient_step(tmp_path):
+    """Every rank must accept or reject the same step and end bit-identical: the gradient, every Fisher-vector
+    product and the line search's surrogate and KL are averaged over ranks before any decision."""
+    from test_distributed import _adapters, _launch
+
+    res = _launch(tmp_path, tmp_path / "run", 2, "algo=trpo", "rollout.batch_size=8", "rl.minibatch_size=4",
+                  "rl.cg_iters=4", "train.steps=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 0 of 2" in res.stdout and "rank 1 of 2" in res.stdout
+    r0, r1 = _adapters(tmp_path / "run" / "rank0"), _adapters(tmp_path / "run" / "rank1")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trpo_accepted"] for r in records] == [1.0, 1.0]
+    assert max(r0[k].abs().max().item() for k in r0 if "policy" in k and "lora_B" in k) > 0  # the policy moved
