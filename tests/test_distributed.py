@@ -146,7 +146,8 @@ def test_error_on_one_rank_stops_all_ranks_naming_it(tmp_path):
     elapsed = time.time() - t0
     assert res.returncode != 0
     log = res.stdout + res.stderr
-    assert "rank 1 failed at step 1" in log
+    assert "RankError: rank 1 failed at step 1: RewardError" in log  # the failing rank, with its cause
+    assert "RankError: rank 1 failed at step 1 (its error is in its own log); stopping rank 0 too" in log
     assert "rank 1's reward server is down" in log and "failed on sample 0 (prompt '" in log
     assert elapsed < 200  # no hang until the 30-minute process-group timeout
     from pefrl.checkpoint import list_checkpoints
