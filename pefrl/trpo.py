@@ -154,10 +154,17 @@ class PolicyBatch:
     micro_batch_size: int
     temperature: float
     max_len: int  # rollout.max_new_tokens, for fixed_length aggregation
+    chunk_size: int | None = None  # model.logits_chunk_size (double backward works through its checkpointing)
     old_logprobs: Tensor | None = None  # (B, T) pi_old on the sampled tokens, filled at the start of the step
 
     def micro_batches(self) -> list[Tensor]:
         return list(torch.arange(len(self.input_ids)).split(self.micro_batch_size))
+
+
+def _forward(models: Models, pb: PolicyBatch, idx: Tensor) -> tuple[Tensor, Tensor, None]:
+    """Policy logprobs and entropy (b, T) of micro-batch rows `idx`, with grad when grad is enabled."""
+    return policy_forward(models, pb.input_ids[idx], pb.attention_mask[idx], pb.prompt_len, pb.temperature,
+                          chunk_size=pb.chunk_size)
 
 
 def _objective(pb: PolicyBatch, idx: Tensor, logprobs: Tensor, entropy: Tensor, rl: RLConfig) -> Tensor:
@@ -181,7 +188,7 @@ def evaluate_policy(models: Models, pb: PolicyBatch, rl: RLConfig, world: int) -
     current parameters; objective and KL averaged over ranks so that every rank takes the same decision."""
     obj, kl, logprobs, entropy = 0.0, 0.0, [], []
     for idx in pb.micro_batches():
-        lp, ent, _ = policy_forward(models, pb.input_ids[idx], pb.attention_mask[idx], pb.prompt_len, pb.temperature)
+        lp, ent, _ = _forward(models, pb, idx)
         obj += _objective(pb, idx, lp, ent, rl).item()
         kl += _kl(pb, idx, lp).item() if pb.old_logprobs is not None else 0.0
         logprobs.append(lp)
@@ -194,7 +201,7 @@ def surrogate_gradient(models: Models, params: list[torch.nn.Parameter], pb: Pol
     """Flat gradient of the objective over the whole local batch, micro-batch by micro-batch."""
     g = None
     for idx in pb.micro_batches():
-        lp, ent, _ = policy_forward(models, pb.input_ids[idx], pb.attention_mask[idx], pb.prompt_len, pb.temperature)
+        lp, ent, _ = _forward(models, pb, idx)
         grads = torch.autograd.grad(_objective(pb, idx, lp, ent, rl), params, allow_unused=True)
         g = _flat(grads, params) if g is None else g + _flat(grads, params)
     return g
@@ -206,8 +213,7 @@ def fisher_vector_product(models: Models, params: list[torch.nn.Parameter], pb: 
     out = torch.zeros_like(v)
     for idx in pb.micro_batches():
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-            lp, _, _ = policy_forward(models, pb.input_ids[idx], pb.attention_mask[idx], pb.prompt_len,
-                                      pb.temperature)
+            lp, _, _ = _forward(models, pb, idx)
             grads = torch.autograd.grad(_kl(pb, idx, lp), params, create_graph=True, allow_unused=True)
             grad_v = _flat(grads, params).dot(v)
             hv = torch.autograd.grad(grad_v, params, allow_unused=True)
@@ -314,7 +320,7 @@ def trpo_update(run: Run, batch: RolloutBatch, targets: Targets, kl_coef: float,
                      prompt_len=rollout.query_ids.shape[1], response_mask=batch.response_mask,
                      behaviour_logprobs=batch.logprobs, advantages=targets.advantages,
                      micro_batch_size=cfg.rl.micro_batch_size, temperature=cfg.rollout.temperature,
-                     max_len=cfg.rollout.max_new_tokens)
+                     max_len=cfg.rollout.max_new_tokens, chunk_size=cfg.model.logits_chunk_size)
     stats = natural_gradient_step(run.models, policy_parameters(run.models), pb, cfg.rl, run.accelerator.num_processes)
     stats.update(critic_update(run, batch, targets, rollout))
     stats["skipped_updates"] += stats.pop("critic_skipped")

@@ -94,7 +94,7 @@ def _models(model_dir, critic="adapter"):
     return models
 
 
-def _policy_batch(models, micro_batch_size=4, seed=0) -> PolicyBatch:
+def _policy_batch(models, micro_batch_size=4, seed=0, chunk_size=None) -> PolicyBatch:
     g = torch.Generator().manual_seed(seed)
     P = 3
     ids = torch.randint(3, 300, (4, P + 5), generator=g)  # (B, P + T)
@@ -103,7 +103,8 @@ def _policy_batch(models, micro_batch_size=4, seed=0) -> PolicyBatch:
         lp, _, _ = policy_forward(models, ids, attention, P, 1.0)
     return PolicyBatch(input_ids=ids, attention_mask=attention, prompt_len=P, response_mask=MASK,
                        behaviour_logprobs=lp * MASK, advantages=torch.randn(4, 5, generator=g) * MASK,
-                       micro_batch_size=micro_batch_size, temperature=1.0, max_len=5, old_logprobs=lp * MASK)
+                       micro_batch_size=micro_batch_size, temperature=1.0, max_len=5, old_logprobs=lp * MASK,
+                       chunk_size=chunk_size)
 
 
 def _per_token_jacobian(models, params, pb):
@@ -116,11 +117,11 @@ def _per_token_jacobian(models, params, pb):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("micro_batch_size", [4, 3])
-def test_fvp_equals_explicit_fisher_times_v_at_the_old_policy(model_dir, micro_batch_size):
+@pytest.mark.parametrize("micro_batch_size,chunk_size", [(4, None), (3, 7)])  # 7: chunks straddle rows
+def test_fvp_equals_explicit_fisher_times_v_at_the_old_policy(model_dir, micro_batch_size, chunk_size):
     models = _models(model_dir)
     params = policy_parameters(models)
-    pb = _policy_batch(models, micro_batch_size)
+    pb = _policy_batch(models, micro_batch_size, chunk_size=chunk_size)
     v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(3))
     fvp = fisher_vector_product(models, params, pb, v)
     # Hessian of the token-mean k3 KL at pi = pi_old is (1/N) J'J, J the per-token score Jacobian (N, D)
