@@ -40,6 +40,7 @@ from pefrl.algorithms import Algorithm, RolloutBatch, Targets, _common_stats, ga
 from pefrl.config import RLConfig
 from pefrl.models import POLICY, Models, critic_values, policy_forward
 from pefrl.ops.advantages import masked_mean
+from pefrl.ops.kl import kl_estimate
 from pefrl.ops.losses import aggregate, clipped_value_loss, entropy_bonus
 
 if TYPE_CHECKING:  # the trainer imports the registry; a runtime import would be circular
@@ -155,6 +156,7 @@ class PolicyBatch:
     temperature: float
     max_len: int  # rollout.max_new_tokens, for fixed_length aggregation
     chunk_size: int | None = None  # model.logits_chunk_size (double backward works through its checkpointing)
+    ref_logprobs: Tensor | None = None  # (B, T) reference logprobs, for the kl_ref statistic only
     old_logprobs: Tensor | None = None  # (B, T) pi_old on the sampled tokens, filled at the start of the step
 
     def micro_batches(self) -> list[Tensor]:
@@ -230,7 +232,8 @@ def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: 
     obj_old, _, old_logprobs, entropy = evaluate_policy(models, pb, rl, world)
     pb.old_logprobs = old_logprobs
     stats = {"policy_loss": -obj_old, "entropy": masked_mean(entropy, pb.response_mask).item(), "approx_kl": 0.0,
-             "trpo_accepted": 0.0, "trpo_step_fraction": 0.0, "trpo_improve": 0.0, "skipped_updates": 0.0}
+             "trpo_accepted": 0.0, "trpo_step_fraction": 0.0, "trpo_improve": 0.0, "skipped_updates": 0.0,
+             **_kl_ref(pb, old_logprobs)}
 
     # 1. surrogate gradient, averaged over ranks
     g = _mean_over_ranks(surrogate_gradient(models, params, pb, rl), world)
@@ -258,15 +261,22 @@ def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: 
     for i in range(rl.line_search_steps):
         fraction = 0.5**i
         _set_flat(params, old_flat + fraction * full_step)
-        obj, kl, _, _ = evaluate_policy(models, pb, rl, world)
+        obj, kl, logprobs, _ = evaluate_policy(models, pb, rl, world)
         if math.isfinite(obj) and math.isfinite(kl) and obj > obj_old and kl <= rl.max_kl:
             stats.update(trpo_accepted=1.0, trpo_step_fraction=fraction, trpo_improve=obj - obj_old,
-                         approx_kl=kl, policy_loss=-obj)
+                         approx_kl=kl, policy_loss=-obj, **_kl_ref(pb, logprobs))
             return stats
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
     return stats
+
+
+def _kl_ref(pb: PolicyBatch, logprobs: Tensor) -> dict[str, float]:
+    # token-mean k3 KL of the policy to the reference, the kl_ref the other algorithms' losses report
+    if pb.ref_logprobs is None:
+        return {}
+    return {"kl_ref": masked_mean(kl_estimate(logprobs, pb.ref_logprobs, "k3"), pb.response_mask).item()}
 
 
 def _critic_step(run: Run, params: list[torch.nn.Parameter], grads: Tensor) -> bool:
@@ -320,7 +330,8 @@ def trpo_update(run: Run, batch: RolloutBatch, targets: Targets, kl_coef: float,
                      prompt_len=rollout.query_ids.shape[1], response_mask=batch.response_mask,
                      behaviour_logprobs=batch.logprobs, advantages=targets.advantages,
                      micro_batch_size=cfg.rl.micro_batch_size, temperature=cfg.rollout.temperature,
-                     max_len=cfg.rollout.max_new_tokens, chunk_size=cfg.model.logits_chunk_size)
+                     max_len=cfg.rollout.max_new_tokens, chunk_size=cfg.model.logits_chunk_size,
+                     ref_logprobs=batch.ref_logprobs)
     stats = natural_gradient_step(run.models, policy_parameters(run.models), pb, cfg.rl, run.accelerator.num_processes)
     stats.update(critic_update(run, batch, targets, rollout))
     stats["skipped_updates"] += stats.pop("critic_skipped")

@@ -217,6 +217,7 @@ def test_trpo_update_moves_policy_by_natural_gradient_and_critic_by_adamw_only(m
     before_policy, before_critic = [p.detach().clone() for p in policy], [p.detach().clone() for p in critic]
     stats = trpo.trpo_update(run, batch, targets, 0.0, rollout)
     assert stats["trpo_accepted"] == 1.0 and stats["skipped_updates"] == 0.0 and stats["value_loss"] > 0
+    assert stats["kl_ref"] > 0  # ref_logprobs here are the old policy's, which the step left
     assert any(not torch.equal(a, p) for a, p in zip(before_policy, policy))
     assert any(not torch.equal(a, p) for a, p in zip(before_critic, critic))
     assert all(torch.equal(base[n], p) for n, p in models.model.named_parameters() if "lora_" not in n)
