@@ -4,7 +4,7 @@
 
 1. g  = grad L at theta_old over the whole batch (every micro-batch; averaged over ranks)
 2. x  = F^-1 g by conjugate gradient, F v = Hessian of the mean KL(pi_old || pi_theta) times v (double backprop)
-3. full step = sqrt(2 max_kl / x'Fx) * x: the largest step along x whose quadratic KL model equals max_kl
+3. full step = sqrt(2 max_kl / x'(F + damping I)x) * x: the step along x whose quadratic KL model is max_kl
 4. backtracking line search: fractions 1, 1/2, 1/4, ... of it (rl.line_search_steps tries); the first one whose
    surrogate improves AND whose measured KL <= max_kl is kept; if none is, the old parameters are put back.
 5. the critic (its adapter + value head, or the value head alone with a shared critic) is trained with the
@@ -232,8 +232,8 @@ def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: 
     obj_old, _, old_logprobs, entropy = evaluate_policy(models, pb, rl, world)
     pb.old_logprobs = old_logprobs
     stats = {"policy_loss": -obj_old, "entropy": masked_mean(entropy, pb.response_mask).item(), "approx_kl": 0.0,
-             "trpo_accepted": 0.0, "trpo_step_fraction": 0.0, "trpo_improve": 0.0, "skipped_updates": 0.0,
-             **_kl_ref(pb, old_logprobs)}
+             "trpo_accepted": 0.0, "trpo_step_fraction": 0.0, "trpo_improve": 0.0, "trpo_expected_improve": 0.0,
+             "skipped_updates": 0.0, **_kl_ref(pb, old_logprobs)}
 
     # 1. surrogate gradient, averaged over ranks
     g = _mean_over_ranks(surrogate_gradient(models, params, pb, rl), world)
@@ -252,10 +252,9 @@ def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: 
         stats["skipped_updates"] = 1.0
         return stats
 
-    # 3. scale to the trust region: 0.5 s'Fs = max_kl (the quadratic model of the KL)
+    # 3. scale to the trust region: 0.5 s'(F + damping I)s = max_kl (the quadratic model of the KL)
     full_step = math.sqrt(2.0 * rl.max_kl / xFx.item()) * x
-    expected = g.dot(full_step).item()
-    stats["trpo_expected_improve"] = expected
+    stats["trpo_expected_improve"] = g.dot(full_step).item()  # first-order prediction of the improvement
 
     # 4. backtracking line search on the real surrogate and the measured KL
     for i in range(rl.line_search_steps):
