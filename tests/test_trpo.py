@@ -1,6 +1,7 @@
 """TRPO: conjugate gradient, Fisher-vector products, the trust region and the line search on a tiny model."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -241,3 +242,25 @@ def test_two_ranks_take_the_same_natural_gradient_step(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["trpo_accepted"] for r in records] == [1.0, 1.0]
     assert max(r0[k].abs().max().item() for k in r0 if "policy" in k and "lora_B" in k) > 0  # the policy moved
+
+
+def test_with_a_behaviour_mixture_the_ratio_divides_by_mu_and_the_kl_is_to_pi_old(model_dir):
+    """Epsilon-greedy: the surrogate's ratio is pi / mu (importance sampling from the mixture) but the trust
+    region is measured from the policy before the step, never from mu."""
+    models = _models(model_dir)
+    params = policy_parameters(models)
+    pb = _policy_batch(models)
+    pi_old = pb.old_logprobs.clone()
+    pb.behaviour_logprobs = (pi_old - 0.5) * MASK  # mu puts e^-0.5 of pi's probability on these tokens
+    pb.old_logprobs = None
+    rl = RLConfig(max_kl=0.01)
+    stats = natural_gradient_step(models, params, pb, rl)
+    torch.testing.assert_close(pb.old_logprobs * MASK, pi_old)  # recomputed from the policy, not taken from mu
+    # the objective before the step: ratio pi_old / mu = e^0.5 on every token, times A, token mean
+    before = -stats["policy_loss"] - stats["trpo_improve"]
+    assert before == pytest.approx(math.exp(0.5) * masked_mean(pb.advantages, MASK).item(), rel=1e-4)
+    with torch.no_grad():
+        lp, _, _ = policy_forward(models, pb.input_ids, pb.attention_mask, pb.prompt_len, 1.0)
+    assert stats["trpo_accepted"] == 1.0
+    assert 0.0 < kl_old_new(lp, pi_old, MASK).item() <= rl.max_kl  # measured against pi_old: inside the bound
+    assert kl_old_new(lp, pb.behaviour_logprobs, MASK).item() > rl.max_kl  # against mu it would be far outside
