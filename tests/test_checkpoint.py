@@ -24,7 +24,8 @@ from pefrl.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "algo=ppo", "data.prompts=builtin:arithmetic", "data.eval_prompts=", "reward.functions=[pefrl.tasks.arithmetic:exact_match]",
+    "algo=ppo", "data.prompts=builtin:arithmetic", "data.eval_prompts=",
+    "reward.functions=[pefrl.tasks.arithmetic:exact_match]",
     "rollout.batch_size=4", "rollout.max_new_tokens=4", "rl.minibatch_size=2", "lora.r=2", "train.lr=3e-3",
     "train.save_every=2", "train.keep_last=2", "rl.kl_target=1.0",  # adaptive KL: its state must survive too
 ]

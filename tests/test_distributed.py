@@ -68,8 +68,8 @@ DRIVER = textwrap.dedent("""
     save_adapters(run.models, os.path.join(run.cfg.output_dir, f"rank{rank}"))
 """)
 
-BASE = ["data.prompts=builtin:arithmetic", "data.eval_prompts=", "reward.functions=[pefrl.tasks.arithmetic:exact_match]",
-        "rollout.max_new_tokens=4", "lora.r=2", "train.lr=3e-3"]
+BASE = ["data.prompts=builtin:arithmetic", "data.eval_prompts=",
+        "reward.functions=[pefrl.tasks.arithmetic:exact_match]", "rollout.max_new_tokens=4", "lora.r=2", "train.lr=3e-3"]
 
 
 def _free_port() -> int:
@@ -136,6 +136,22 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     assert diff < 1e-5, f"2 ranks vs 1 rank: max |diff| {diff:.3g}, adapters moved {moved:.3g}"
     rewards = lambda d: [json.loads(l)["reward_mean"] for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert rewards(tmp_path / "two") == pytest.approx(rewards(tmp_path / "one"), abs=1e-6)  # same samples
+
+
+@pytest.mark.slow  # launches processes (20-60 s on 2 cores)
+def test_two_rank_resume_restores_every_ranks_rng_and_matches_uninterrupted(tmp_path):
+    common = ["algo=ppo", "rollout.batch_size=2", "rl.minibatch_size=2", "train.save_every=1"]
+    full = _launch(tmp_path, tmp_path / "full", 2, *common, "train.steps=3")
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = _launch(tmp_path, tmp_path / "split", 2, *common, "train.steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "split" / "checkpoint-2").glob("rng-rank*")} == {
+        "rng-rank0.json", "rng-rank0.safetensors", "rng-rank1.json", "rng-rank1.safetensors"}
+    second = _launch(tmp_path, tmp_path / "split", 2, *common, "train.steps=3", "train.resume=latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for rank in ("rank0", "rank1"):
+        a, b = _adapters(tmp_path / "full" / rank), _adapters(tmp_path / "split" / rank)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rank
 
 
 @pytest.mark.slow  # launches processes (20-60 s on 2 cores)
