@@ -32,6 +32,20 @@ class MetricsWriter:
             f.write(json.dumps(clean) + "\n")
 
 
+    def write_samples(self, step: int, prompts: list[str], completions: list[str], scores: list[float],
+                      n: int = 8) -> str:
+        """Append the first n samples to samples.jsonl; return them as a text table for the console."""
+        rows = list(zip(prompts, completions, scores))[:n]
+        if self.enabled:
+            with (self.path.parent / "samples.jsonl").open("a") as f:
+                for p, c, r in rows:
+                    f.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
+        clip = lambda t: repr(t if len(t) <= 40 else t[:37] + "...")  # noqa: E731
+        lines = [f"samples at step {step + 1}:", f"  {'reward':>8}  {'prompt':<42} completion"]
+        lines += [f"  {r:>8.3f}  {clip(p):<42} {clip(c)}" for p, c, r in rows]
+        return "\n".join(lines)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

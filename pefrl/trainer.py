@@ -187,6 +187,8 @@ def train(
             accelerator.log(record, step=step)
         if accelerator.is_main_process and (step + 1) % cfg.train.log_every == 0:
             print(progress_line(record, cfg.train.steps), flush=True)
+        if accelerator.is_main_process and cfg.train.samples_every and (step + 1) % cfg.train.samples_every == 0:
+            print(writer.write_samples(step, texts, rollout.completions, scores.tolist()), flush=True)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             save_checkpoint(run, step + 1)  # collective; atomic: a crash here keeps the previous checkpoints
 

@@ -169,8 +169,6 @@ def test_resolve_model_path(tmp_path, monkeypatch):
     monkeypatch.setattr(arithmetic, "DEFAULT_MODEL_DIR", tmp_path)
     (tmp_path / "config.json").write_text("{}")  # "already built": nothing to build
     assert resolve_model_path(ModelConfig()) == str(tmp_path)
-    with pytest.raises(NotImplementedError, match="quantization"):
-        load_models(ModelConfig(name_or_path=str(tmp_path), quantization="4bit"), LoraConfig(), False)
 
 
 def test_save_load_roundtrip_and_reference_adapter(model_dirs, tmp_path):

@@ -21,7 +21,7 @@ def nan_reward(prompts, completions, **columns):
 
 
 def test_load_function_by_module_and_file(tmp_path):
-    assert load_function("tests.test_rewards:length_reward") is length_reward
+    assert load_function("tests.test_rewards:length_reward")(["p"], ["abc"]) == [3.0]
     file = tmp_path / "my_rewards.py"
     file.write_text("def f(prompts, completions, **kw):\n    return [2.0] * len(completions)\n")
     assert load_function(f"{file}:f")(["p"], ["c"]) == [2.0]

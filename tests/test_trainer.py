@@ -1,0 +1,54 @@
+"""The whole loop on the embedded model: outputs, frozen base, adapters changed, reference = base."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pefrl.config import load_config
+from pefrl.models import reference_logprobs, resolve_model_path
+from pefrl.trainer import setup, train
+
+REQUIRED = ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "step_time_s", "gen_tokens_per_s")
+
+
+@pytest.mark.parametrize("critic", ["adapter", "shared"])
+def test_train_changes_only_adapters_and_writes_outputs(tmp_path, critic):
+    torch.set_num_threads(1)
+    cfg = load_config("recipes/configs/arithmetic_ppo.yaml", [
+        f"output_dir={tmp_path}", "train.steps=2", "train.samples_every=1", "rollout.batch_size=16",
+        "rl.minibatch_size=8", "data.eval_size=16", "train.eval_every=1", f"model.critic={critic}"])
+    run = setup(cfg)
+    peft_model = run.models.model
+    base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" not in n}
+    trainable_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    head_before = [p.detach().clone() for p in run.models.value_head.parameters()]
+    assert trainable_before and all("lora_" in n for n in trainable_before)
+
+    summary = train(cfg, run=run)
+
+    for n, p in peft_model.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), f"base weight {n} changed"
+    assert any(not torch.equal(p, trainable_before[n]) for n, p in peft_model.named_parameters() if n in trainable_before)
+    assert any(not torch.equal(a, b) for a, b in zip(run.models.value_head.parameters(), head_before))
+
+    # reference = the untouched base model, loaded fresh from disk
+    plain = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model)).eval()
+    ids = torch.tensor([[0, 0, 5 + 3, 13, 7, 31, 9, 9], [22, 23, 13, 24, 31, 25, 27, 2]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ref = reference_logprobs(run.models, ids, mask, 6, 1.0)
+        logits = plain(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    expected = torch.log_softmax(logits[:, 5:-1].float(), -1).gather(-1, ids[:, 6:, None])[..., 0]
+    torch.testing.assert_close(ref, expected, rtol=0, atol=1e-5)
+
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    for key in REQUIRED:
+        assert all(isinstance(r[key], (int, float)) for r in records), key
+    assert "eval_reward_mean" in records[-1] and "eval_after" in summary
+    assert (tmp_path / "final" / "policy" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "final" / "value_head.safetensors").exists()
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 16
