@@ -15,7 +15,7 @@ one is in place (keep-last-N).
 
 No pickle: safetensors and JSON only. A checkpoint directory holding pickle files (`*.bin`, `*.pt`, `*.pth`,
 `*.pkl`, `*.ckpt`) is refused, since unpickling runs arbitrary code; set PEFRL_ALLOW_PICKLE=1 to accept one
-you trust (then torch.load(weights_only=True) reads it).
+you trust (peft then reads `adapter_model.bin` adapters with torch.load(weights_only=True)).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def check_no_pickle(directory: str | Path) -> None:
     if found and not pickle_allowed():
         raise CheckpointError(
             f"{directory} holds pickle files {found[:5]}; pefrl loads safetensors and JSON only. If you trust "
-            f"them, set {ALLOW_PICKLE_ENV}=1 to load them with torch.load(weights_only=True)"
+            f"them, set {ALLOW_PICKLE_ENV}=1 (pickled adapters are then read with torch.load(weights_only=True))"
         )
 
 
@@ -220,12 +220,9 @@ def load_checkpoint(run: Run, path: str | Path) -> int:
 
 def _join_optimizer(path: Path, opt_json: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     file = path / OPTIMIZER_FILE
-    if file.is_file():
-        tensors = load_file(str(file))
-    elif (path / "optimizer.pt").is_file() and pickle_allowed():
-        tensors = torch.load(path / "optimizer.pt", weights_only=True)
-    else:
+    if not file.is_file():
         raise CheckpointError(f"{file} missing")
+    tensors = load_file(str(file))
     n_params = sum(len(g["params"]) for g in optimizer.param_groups)
     n_saved = sum(len(g["params"]) for g in opt_json["param_groups"])
     if n_params != n_saved:

@@ -94,6 +94,9 @@ def test_pickle_files_are_refused_unless_allowed(tmp_path, monkeypatch):
     monkeypatch.delenv(ck.ALLOW_PICKLE_ENV, raising=False)
     with pytest.raises(ck.CheckpointError, match=r"adapter_model\.bin.*PEFRL_ALLOW_PICKLE=1"):
         ck.check_no_pickle(tmp_path)
+    (tmp_path / ck.STATE_FILE).write_text("{}")
+    with pytest.raises(ck.CheckpointError, match=r"adapter_model\.bin"):
+        ck.load_checkpoint(None, tmp_path)  # refused before anything is read
     monkeypatch.setenv(ck.ALLOW_PICKLE_ENV, "1")
     ck.check_no_pickle(tmp_path)  # allowed: no error
 
