@@ -209,16 +209,24 @@ def surrogate_gradient(models: Models, params: list[torch.nn.Parameter], pb: Pol
     return g
 
 
-def fisher_vector_product(models: Models, params: list[torch.nn.Parameter], pb: PolicyBatch, v: Tensor) -> Tensor:
+def kl_gradient(models: Models, params: list[torch.nn.Parameter], pb: PolicyBatch, idx: Tensor) -> Tensor:
+    """Flat d KL(pi_old || pi_theta) / d theta of micro-batch `idx` (its share of the batch mean), with its graph
+    kept (create_graph) for the second backward."""
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+        lp, _, _ = _forward(models, pb, idx)
+        return _flat(torch.autograd.grad(_kl(pb, idx, lp), params, create_graph=True, allow_unused=True), params)
+
+
+def fisher_vector_product(models: Models, params: list[torch.nn.Parameter], pb: PolicyBatch, v: Tensor,
+                          kl_grads: list[Tensor] | None = None) -> Tensor:
     """F v = d/dtheta [ (d KL(pi_old || pi_theta) / dtheta) . v ] at the current theta (Pearlmutter 1994's
-    double backprop; TRPO appendix C). One forward and two backwards per micro-batch; no damping here."""
+    double backprop; TRPO appendix C); no damping here. `kl_grads`: one kl_gradient per micro-batch, kept
+    for reuse (one backward per product); None: each micro-batch's is rebuilt and dropped (a forward and two
+    backwards, one micro-batch's graph alive at a time)."""
     out = torch.zeros_like(v)
-    for idx in pb.micro_batches():
-        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-            lp, _, _ = _forward(models, pb, idx)
-            grads = torch.autograd.grad(_kl(pb, idx, lp), params, create_graph=True, allow_unused=True)
-            grad_v = _flat(grads, params).dot(v)
-            hv = torch.autograd.grad(grad_v, params, allow_unused=True)
+    for i, idx in enumerate(pb.micro_batches()):
+        kl_grad = kl_grads[i] if kl_grads is not None else kl_gradient(models, params, pb, idx)
+        hv = torch.autograd.grad(kl_grad.dot(v), params, retain_graph=kl_grads is not None, allow_unused=True)
         out += _flat(hv, params)
     return out
 
@@ -242,12 +250,18 @@ def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: 
         stats["skipped_updates"] = 1.0  # nothing moved yet
         return stats
 
-    # 2. natural-gradient direction x = (F + damping I)^-1 g; the damping keeps CG stable where F is singular
+    # 2. natural-gradient direction x = (F + damping I)^-1 g; the damping keeps CG stable where F is singular.
+    # One micro-batch: its KL-gradient graph serves all cg_iters + 1 products (rebuilding it each time would
+    # peak at the same memory); several: rebuilt per product, so only one micro-batch's graph is ever alive.
+    batches = pb.micro_batches()
+    kl_grads = [kl_gradient(models, params, pb, batches[0])] if len(batches) == 1 else None
+
     def fvp(v: Tensor) -> Tensor:
-        return _mean_over_ranks(fisher_vector_product(models, params, pb, v), world) + rl.cg_damping * v
+        return _mean_over_ranks(fisher_vector_product(models, params, pb, v, kl_grads), world) + rl.cg_damping * v
 
     x = conjugate_gradient(fvp, g, rl.cg_iters)
     xFx = x.dot(fvp(x))
+    del kl_grads  # frees the graph before the line search
     if not (torch.isfinite(xFx) and xFx > 0):
         stats["skipped_updates"] = 1.0
         return stats

@@ -131,6 +131,10 @@ def test_fvp_equals_explicit_fisher_times_v_at_the_old_policy(model_dir, micro_b
     assert explicit.abs().max() > 1e-3  # a real, non-zero product
     # float32 and the two attention kernels (old logprobs: fused; FVP: math) differ in the last bits
     assert ((fvp - explicit).norm() / explicit.norm()).item() < 1e-4
+    # the kept KL-gradient graphs give the same products, again and again (what CG does with them)
+    kl_grads = [trpo.kl_gradient(models, params, pb, idx) for idx in pb.micro_batches()]
+    for _ in range(2):
+        torch.testing.assert_close(fisher_vector_product(models, params, pb, v, kl_grads), fvp)
 
 
 def test_fvp_away_from_the_old_policy_matches_finite_differences_of_the_kl_gradient(model_dir):
