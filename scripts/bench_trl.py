@@ -100,34 +100,39 @@ class GcTimer:
         gc.collect = collect
 
 
-def step_timer_callback():
+def step_timer_callback(gc_timer: GcTimer):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall time per optimizer step; `marks` are on_step_end times, `spans` begin->end where TRL calls both."""
+        """Wall time per optimizer step, and the gc.collect time inside it. GRPO/RLOO: on_step_begin ->
+        on_step_end. PPO never calls on_step_begin: the time between consecutive on_step_end events (the
+        first measured from on_train_begin)."""
 
         def __init__(self):
-            self.begin: float | None = None
-            self.spans: list[float] = []
-            self.marks: list[float] = []
+            self.begin: tuple[float, float] | None = None  # (wall, gc seconds) at the step's start
+            self.spans: list[tuple[float, float]] = []  # (step seconds, gc seconds within it)
+            self.marks: list[tuple[float, float]] = []
+
+        def _now(self) -> tuple[float, float]:
+            return time.perf_counter(), gc_timer.seconds
 
         def on_train_begin(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
+            self.marks.append(self._now())
 
         def on_step_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
+            self.begin = self._now()
 
         def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
+            now = self._now()
             if self.begin is not None:
-                self.spans.append(now - self.begin)
+                self.spans.append((now[0] - self.begin[0], now[1] - self.begin[1]))
                 self.begin = None
             self.marks.append(now)
 
-        def step_times(self) -> list[float]:
+        def steps(self) -> list[tuple[float, float]]:
             if self.spans:
                 return self.spans
-            return [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.marks, self.marks[1:])]
 
     return StepTimer()
 
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     gen, gc_timer = GenerateTimer(), GcTimer()
-    callback = step_timer_callback()
+    callback = step_timer_callback(gc_timer)
     prompts = load_prompts(args.prompts, args.steps * args.batch_size)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -242,8 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         total = time.perf_counter() - t0
     result = {
         "side": "trl", "trl_version": trl.__version__, "algo": args.algo, "steps": args.steps,
-        "step_times_s": callback.step_times(), "train_seconds": total,
-        "gen_time_s": gen.seconds, "gen_tokens": gen.tokens, "gc_time_s": gc_timer.seconds,
+        "step_times_s": [t for t, _ in callback.steps()], "step_gc_s": [g for _, g in callback.steps()],
+        "train_seconds": total,
+        "gen_time_s": gen.seconds, "gen_tokens": gen.tokens,
         "rss_after_imports_bytes": rss_after_imports,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,

@@ -56,14 +56,15 @@ def test_summary_and_ratios_by_hand():
     # kept steps (first dropped): pefrl 1, 2, 3, 5 -> median 2.5; trl 5, 6 -> median 5.5
     split = {"gen_time_s": [9, 1], "score_time_s": [9, 0], "reference_time_s": [9, 0.5], "train_time_s": [9, 0.5]}
     pefrl = bench.summarize([_run([9, 1, 2], 100, 60, 40, split), _run([9, 3, 5], 120, 60, 40, split)], skip=1)
-    trl = bench.summarize([_run([9, 5, 6], 200, 50, 60) | {"gc_time_s": 3.0}], skip=1)  # gc: 1 s per step
+    trl = bench.summarize([_run([9, 5, 6], 200, 50, 60) | {"step_gc_s": [9, 1, 1]}], skip=1)  # kept: 4, 5 -> 4.5
     assert pefrl["median_step_s"] == 2.5 and trl["median_step_s"] == 5.5
     assert pefrl["peak_rss_mib"] == 110 and pefrl["rss_growth_mib"] == 50  # medians of per-run numbers
     assert pefrl["step_tokens_per_s"] == pytest.approx((40 / 3) / 2.5)  # 40 tokens over 3 steps per run
     assert pefrl["gen_tokens_per_s"] == pytest.approx(80 / 4.0)
     assert pefrl["split_s"]["gen_time_s"] == 1 and pefrl["split_s"]["reference_time_s"] == 0.5
     text = bench.table({"grpo": {"pefrl": pefrl, "trl": trl}})
-    assert "| grpo | 2.20x | 1.80x | 0.55 | 0.33 |" in text  # 5.5 / 2.5, (5.5 - 1) / 2.5, 110 / 200, 50 / 150
+    assert trl["median_step_without_gc_s"] == 4.5
+    assert "| grpo | 2.20x | 1.80x | 0.55 | 0.33 |" in text  # 5.5 / 2.5, 4.5 / 2.5, 110 / 200, 50 / 150
     assert "| grpo | 1.000 | 0.000 | 0.500 | 0.500 | 0.500 |" in text  # other = 2.5 - 2.0
 
 
