@@ -92,6 +92,8 @@ class EpisodeRollout(Rollout):
     """(B,) float: sum of the environment's rewards over each episode."""
     turns: torch.Tensor | None = None
     """(B,) policy turns each episode took."""
+    cut_by_length: torch.Tensor | None = None
+    """(B,) bool: the episode ended because its next turn would not fit in the model's positions."""
     prompts: list[str] | None = None
     """The first prompt of each episode (what reward functions see as the prompt)."""
 
@@ -102,7 +104,8 @@ class EpisodeRollout(Rollout):
     @property
     def stats(self) -> dict[str, float]:
         turns = self.turns.float()
-        return {"env/turns": turns.mean().item(), "env/observation_tokens": (self.response_attention - self.response_mask).sum(-1).mean().item()}
+        return {"env/turns": turns.mean().item(), "env/cut_by_length": self.cut_by_length.float().mean().item(),
+                "env/observation_tokens": (self.response_attention - self.response_mask).sum(-1).mean().item()}
 
 
 @dataclass
@@ -116,12 +119,18 @@ class _Episode:
     reward: float = 0.0
     turns: int = 0
     done: bool = False
+    cut: bool = False  # ended because the next turn would not fit in the model's positions
 
 
 @torch.no_grad()
 def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: RolloutConfig, max_turns: int,
                      generator: torch.Generator | None = None) -> EpisodeRollout:
-    """Play one episode per environment, batched over the environments still running at each turn."""
+    """Play one episode per environment, batched over the environments still running at each turn.
+
+    An episode whose next turn would not fit in the model's positions (max_position_embeddings) ends there,
+    counted in stats['env/cut_by_length']; its rewards so far stand.
+    """
+    max_positions = _max_positions(models)
     prompts = [env.reset() for env in envs]
     episodes: list[_Episode | None] = [None] * len(envs)
     explored = False
@@ -139,6 +148,10 @@ def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: Ro
         for row, i in enumerate(active):
             if turn == 0:
                 query = out.query_ids[row][out.query_mask[row].bool()].tolist()
+                if len(query) + rollout_cfg.max_new_tokens > max_positions:
+                    raise ValueError(f"environment {i}'s first prompt has {len(query)} tokens: with rollout."
+                                     f"max_new_tokens={rollout_cfg.max_new_tokens} it exceeds the model's "
+                                     f"{max_positions} positions")
                 episodes[i] = _Episode(query=query, tokens=[], is_action=[], behaviour=[])
             ep = episodes[i]
             n = int(out.response_mask[row].sum().item())
@@ -147,13 +160,24 @@ def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: Ro
             ep.behaviour += out.behaviour_logprobs[row, :n].tolist() if out.behaviour_logprobs is not None else [0.0] * n
             observation, reward, done = envs[i].step(out.completions[row])
             ep.reward, ep.turns, ep.done = ep.reward + float(reward), ep.turns + 1, bool(done)
-            if not done and turn + 1 < max_turns:  # nothing follows the last turn: its observation is unused
-                obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
-                ep.tokens += obs_ids
-                ep.is_action += [0] * len(obs_ids)
-                ep.behaviour += [0.0] * len(obs_ids)
+            if done or turn + 1 == max_turns:  # nothing follows the last turn: its observation is unused
+                continue
+            obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
+            if len(ep.query) + len(ep.tokens) + len(obs_ids) + rollout_cfg.max_new_tokens > max_positions:
+                ep.done = ep.cut = True
+                continue
+            ep.tokens += obs_ids
+            ep.is_action += [0] * len(obs_ids)
+            ep.behaviour += [0.0] * len(obs_ids)
     device = next(models.model.parameters()).device
     return _pack(tokenizer, prompts, episodes, explored, device)
+
+
+def _max_positions(models) -> int | float:
+    from pefrl.data import context_length
+
+    config = getattr(models.model, "config", None)
+    return (context_length(config) if config is not None else None) or float("inf")
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -217,6 +241,7 @@ def _pack(tokenizer, prompts: list[str], episodes: list[_Episode], explored: boo
         response_attention=response_attention.to(device),
         scores=torch.tensor([ep.reward for ep in episodes], dtype=torch.float32),
         turns=torch.tensor([ep.turns for ep in episodes]), prompts=prompts,
+        cut_by_length=torch.tensor([ep.cut for ep in episodes]),
     )
 
 

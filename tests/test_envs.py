@@ -143,6 +143,29 @@ def test_episode_layout_masks_and_scores(monkeypatch):
     assert out.stats["env/observation_tokens"] == len(obs)
 
 
+def test_episode_ends_when_the_next_turn_would_not_fit(monkeypatch):
+    tok = build_tokenizer()
+    monkeypatch.setattr(envs_module, "generate", _scripted_generate(tok, ["7", "42"])[0])
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    used = len(enc("1+1=")) + len(enc("7")) + 1 + len(enc(" b="))  # prompt, turn 1 + EOS, observation
+    cfg = RolloutConfig(max_new_tokens=3)
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=used + 2),
+                            parameters=lambda: iter([torch.zeros(1)]))
+    out = rollout_episodes(SimpleNamespace(model=model), tok, [TwoTurnEnv()], cfg, max_turns=4)
+    # turn 2 needs used + 3 positions > used + 2: the episode ends after turn 1, without the observation
+    assert out.response_ids[0].tolist() == enc("7") + [tok.eos_token_id]
+    assert out.scores.tolist() == [0.25] and out.cut_by_length.tolist() == [True]
+    assert out.stats["env/cut_by_length"] == 1.0
+    model.config.max_position_embeddings = used + 3  # now it fits
+    monkeypatch.setattr(envs_module, "generate", _scripted_generate(tok, ["7", "42"])[0])
+    out = rollout_episodes(SimpleNamespace(model=model), tok, [TwoTurnEnv()], cfg, max_turns=4)
+    assert out.turns.tolist() == [2] and out.cut_by_length.tolist() == [False]
+    model.config.max_position_embeddings = len(enc("1+1=")) + 2
+    monkeypatch.setattr(envs_module, "generate", _scripted_generate(tok, ["7"])[0])
+    with pytest.raises(ValueError, match="first prompt has 4 tokens"):
+        rollout_episodes(SimpleNamespace(model=model), tok, [TwoTurnEnv()], cfg, max_turns=4)
+
+
 def test_episode_is_cut_at_max_turns_without_trailing_observation(monkeypatch):
     tok = build_tokenizer()
     monkeypatch.setattr(envs_module, "generate", _scripted_generate(tok, ["7"])[0])
