@@ -69,7 +69,8 @@ DRIVER = textwrap.dedent("""
 """)
 
 BASE = ["data.prompts=builtin:arithmetic", "data.eval_prompts=",
-        "reward.functions=[pefrl.tasks.arithmetic:exact_match]", "rollout.max_new_tokens=4", "lora.r=2", "train.lr=3e-3"]
+        "reward.functions=[pefrl.tasks.arithmetic:exact_match]", "rollout.max_new_tokens=4", "lora.r=2",
+        "train.lr=3e-3"]
 
 
 def _free_port() -> int:
