@@ -46,9 +46,12 @@ from pefrl.models import (
 )
 
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
-"""Default max abs logit difference per export dtype: fp32 allows summation-order noise; bf16 / fp16 allow the
-rounding of W + B A to 8 / 11 mantissa bits (measured in docs/quantization.md)."""
+TOLERANCE = 1e-3
+"""Default max abs logit difference of an export in the training dtype: summation-order noise (SmolLM2-135M fp32:
+1.7e-4, docs/quantization.md)."""
+CAST_NOISE_FACTOR = 2.0
+"""An export in another dtype may differ from the policy by this many times what running the unmerged policy in
+that dtype costs (SmolLM2-135M, bf16: unmerged policy 3.7, merged export 2.1; the adapter's own effect 16.8)."""
 FALLBACK_PROMPTS = ("What is 12 + 7?", "Write one sentence about the sea.", "1+2=")
 META_FILE = "pefrl_export.json"
 
@@ -99,14 +102,15 @@ def unquantized_base(cfg: Config, dtype: str) -> PreTrainedModel:
     return base.dequantize().to(DTYPES[dtype])  # nn.Linear layers again
 
 
-def reference_policy(cfg: Config, adapters: Path) -> PeftModel:
-    """What an export must reproduce: the policy adapter, unmerged, on the (dequantized) base in model.dtype.
+def reference_policy(cfg: Config, adapters: Path, dtype: str | None = None) -> PeftModel:
+    """What an export must reproduce: the policy adapter, unmerged, on the (dequantized) base in model.dtype
+    (or in `dtype`: what running the unmerged policy in the export dtype gives).
 
     Equal to `trained_policy` for an unquantized or 4-bit base (a 4-bit matmul dequantizes the weight and
     multiplies in the compute dtype). An 8-bit base differs: LLM.int8() also rounds the activations to int8 in
     every matmul, noise no full-precision export can (or should) reproduce; the report shows it separately.
     """
-    base = unquantized_base(cfg, cfg.model.dtype)
+    base = unquantized_base(cfg, dtype or cfg.model.dtype)
     return PeftModel.from_pretrained(base, str(adapters / POLICY), adapter_name=POLICY).eval()
 
 
@@ -166,12 +170,13 @@ def export(source: str | Path, out: str | Path, merge: bool = False, dtype: str 
 
     dtype: 'fp32' | 'bf16' | 'fp16' for a merged export (default: the run's model.dtype); adapters stay fp32.
     Raises ExportError (OUT untouched) when the reloaded export's logits differ from the trained policy's by more
-    than `tolerance` (default: TOLERANCE of the export dtype).
+    than `tolerance`; default max(TOLERANCE, CAST_NOISE_FACTOR * cast_noise), where cast_noise is how far the
+    unmerged policy moves when run in `dtype` instead of model.dtype (0 for the same dtype): bf16 inference of a
+    30-layer model is itself that noisy, and a lost adapter still shows above it (compare adapter_effect).
     """
     src = resolve_source(source)
     cfg, out = src.cfg, Path(out).expanduser()
     dtype = EXPORT_DTYPES[dtype] if dtype else cfg.model.dtype
-    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new --out")
     tmp = out.parent / f".tmp-export-{out.name}"
@@ -179,6 +184,8 @@ def export(source: str | Path, out: str | Path, merge: bool = False, dtype: str 
     tmp.mkdir(parents=True)
     try:
         report = _write_and_verify(src, tmp, merge, dtype, value_head)
+        if tolerance is None:
+            tolerance = max(TOLERANCE, CAST_NOISE_FACTOR * report["cast_noise"])
         report["tolerance"] = tolerance
         (tmp / META_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if not report["max_abs_diff"] <= tolerance:  # also catches nan
@@ -221,7 +228,11 @@ def _write_and_verify(src: Source, tmp: Path, merge: bool, dtype: str, value_hea
         "prompts": len(prompts),
         "max_abs_diff": max_logit_diff(reloaded, reference, tokenizer, prompts),
         "adapter_effect": adapter_effect(reference, tokenizer, prompts),
+        "cast_noise": 0.0,
     }
+    if merge and dtype != cfg.model.dtype:
+        cast = reference_policy(cfg, src.adapters, dtype)  # the unmerged policy, run in the export dtype
+        report["cast_noise"] = max_logit_diff(cast, reference, tokenizer, prompts)
     if merge and cfg.model.quantization is not None:
         del reference
         # information only: the distance to the policy as it ran in training, on the quantized base
