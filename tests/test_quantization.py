@@ -113,17 +113,18 @@ def test_quantized_base_stays_byte_identical_and_adapters_train(tiny_dir, quant,
     assert (policy_forward(models, ids, mask, P, 1.0)[0] - ref).abs().max() > 1e-3
 
 
-def test_bf16_compute_with_gradient_checkpointing_matches_without(tiny_dir):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_compute_with_gradient_checkpointing_matches_without(tiny_dir, dtype):
     """model.gradient_checkpointing switches on our (adapter-aware) checkpointing, not peft's; grads agree."""
     ids, mask, P = _batch()
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        cfg = ModelConfig(name_or_path=tiny_dir, quantization="4bit", dtype="bfloat16", gradient_checkpointing=ckpt)
+        cfg = ModelConfig(name_or_path=tiny_dir, quantization="4bit", dtype=dtype, gradient_checkpointing=ckpt)
         models = load_models(cfg, LoraConfig(r=4), uses_critic=True)
         assert models.model.get_base_model().is_activation_checkpointing == ckpt
         lin = models.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-        assert lin.compute_dtype == torch.bfloat16
+        assert lin.compute_dtype == getattr(torch, dtype)
         with torch.no_grad():  # nonzero B so that lora_A gets gradient too
             for n, p in models.model.named_parameters():
                 if "lora_B" in n:
