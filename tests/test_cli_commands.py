@@ -153,6 +153,9 @@ def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reward_mean"] == pytest.approx(expected)
     with pytest.raises(FileNotFoundError, match="no adapter directory"):
         evaluate_run(run_dir, adapter="checkpoint-9")
+    (run_dir / "checkpoint-3").mkdir()
+    (run_dir / "final").rename(run_dir / "checkpoint-3" / "adapters")  # a checkpoint's layout
+    assert evaluate_run(run_dir, size=8, adapter="checkpoint-3")["reward_mean"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_readme_config_reference_is_fresh():

@@ -15,15 +15,18 @@ from typing import Any
 
 
 def adapter_dir(run_dir: Path, adapter: str) -> Path | None:
-    """RUN_DIR/<adapter> (or <adapter> as a path); None for 'none' (evaluate the base without adapters)."""
+    """The directory holding the adapters (models.save_adapters layout) named by `adapter`: RUN_DIR/<adapter>,
+    e.g. final/, or a checkpoint's adapters/ (RUN_DIR/checkpoint-<step>/adapters), or <adapter> as a path.
+    None for 'none' (evaluate the base without adapters)."""
+    from pefrl.models import HEADS_FILE
+
     if adapter == "none":
         return None
-    path = run_dir / adapter
-    if not path.is_dir():
-        path = Path(adapter)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no adapter directory {run_dir / adapter} (nor {adapter})")
-    return path
+    for base in (run_dir / adapter, Path(adapter)):
+        for candidate in (base, base / "adapters"):
+            if (candidate / HEADS_FILE).is_file():
+                return candidate
+    raise FileNotFoundError(f"no adapter directory {run_dir / adapter} (nor {adapter}) holding {HEADS_FILE}")
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "final", size: int | None = None,
@@ -79,7 +82,8 @@ def register(sub) -> None:
                    help="prompts: a .jsonl/.csv/.parquet file, a datasets name or builtin:...; "
                         "default: the run's data.eval_prompts")
     p.add_argument("--adapter", default="final",
-                   help="subdirectory of RUN_DIR (or a path) holding the adapters; 'none': the base model")
+                   help="subdirectory of RUN_DIR (final, checkpoint-<step>) or a path holding the adapters; "
+                        "'none': the base model")
     p.add_argument("--size", type=int, default=None, help="score only the first N prompts")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run's config, "
                                                 "e.g. reward.functions=[my_reward.py:strict]")
