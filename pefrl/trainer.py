@@ -11,7 +11,8 @@
 Batch semantics: `rollout.batch_size` and `rl.minibatch_size` count sequences per process. With N processes
 one step consumes N * batch_size prompts (each rank a distinct slice); gradients of the trainable parameters
 are averaged over ranks before every optimizer step, so N ranks with batch b match one rank with batch N * b
-and minibatch N * m (up to floating-point summation order).
+and minibatch N * m up to float summation order, where the loss is per-sequence (sequence_mean) and no
+statistic is taken over the batch (whitening and token_mean are per rank); see docs/distributed.md.
 """
 
 from __future__ import annotations
