@@ -33,6 +33,8 @@ from pefrl.checkpoint import load_checkpoint, resolve_resume, restore_rng, save_
 from pefrl.config import Config, save_config
 from pefrl.data import PromptStream, check_prompt_lengths, context_length, format_prompt, load_rows
 from pefrl.distributed import RankGuard, check_supported
+from pefrl.envs import env_rewards, play_rows, seed_rows
+from pefrl.envs import eval_rows as env_eval_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
 from pefrl.ops.advantages import masked_mean
@@ -78,13 +80,16 @@ def setup(
     models.model.to(accelerator.device)
     if models.value_head is not None:
         models.value_head.to(accelerator.device)
-    scorer = build_scorer(cfg.reward, extra_rewards)
-    rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data.prompt_field, cfg.data.split)
-    positions = context_length(models.model.config)  # prompts that do not fit are an error, named by row index
-    rows = check_prompt_lengths(rows, tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
-                                source=cfg.data.prompts if prompt_source is None else "prompt_source")
-    eval_rows = check_prompt_lengths(_eval_rows(cfg), tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
-                                     source=str(cfg.data.eval_prompts))
+    scorer = build_scorer(cfg.reward, [*env_rewards(cfg.env), *extra_rewards])
+    if cfg.env.name:  # rows are environment seeds; the environment writes the prompts (pefrl/envs.py)
+        rows, eval_rows = seed_rows(cfg.train.seed), _eval_rows(cfg)
+    else:
+        rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data.prompt_field, cfg.data.split)
+        positions = context_length(models.model.config)  # prompts that do not fit are an error, named by row index
+        rows = check_prompt_lengths(rows, tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
+                                    source=cfg.data.prompts if prompt_source is None else "prompt_source")
+        eval_rows = check_prompt_lengths(_eval_rows(cfg), tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
+                                         source=str(cfg.data.eval_prompts))
     params = models.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps
@@ -136,16 +141,13 @@ def train(
                 break
             my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
             my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
-            texts = [row[cfg.data.prompt_field] for row in my_rows]
-            prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
 
-            # 2. generate with the policy adapter
+            # 2. generate with the policy adapter (env.name: whole episodes, the environment answering each turn)
             with timer("generate"):
-                rollout = generate(models, tokenizer, prompts, cfg.rollout)
+                texts, rollout, columns = _play(models, tokenizer, my_rows, cfg, cfg.rollout)
 
-            # 3. score: reward functions see the raw prompt text and every other column
+            # 3. score: reward functions see the raw prompt text and every other column (episodes: env_reward)
             with timer("score"):
-                columns = {k: [row[k] for row in my_rows] for k in my_rows[0] if k != cfg.data.prompt_field}
                 scores, reward_stats = scorer(texts, rollout.completions, columns)
 
         # 4. old logprobs, reference logprobs and values, without grad
@@ -178,6 +180,7 @@ def train(
             **{k: v for k, v in targets.stats.items()},
             **train_stats,
             **reward_stats,
+            **getattr(rollout, "stats", {}),  # episodes: turns and observation tokens
             "lr": run.scheduler.get_last_lr()[0],
         }
         if eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
@@ -206,9 +209,22 @@ def train(
     return summary
 
 
+def _play(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, rollout_cfg) -> tuple[list[str], Rollout, dict]:
+    """Completions for `rows`: prompts through the chat template, or whole episodes when env.name is set.
+    -> (raw prompt texts, rollout, extra columns for the reward functions)."""
+    if cfg.env.name:
+        return play_rows(models, tokenizer, rows, rollout_cfg, cfg.env)
+    texts = [row[cfg.data.prompt_field] for row in rows]
+    prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k != cfg.data.prompt_field}
+    return texts, generate(models, tokenizer, prompts, rollout_cfg), columns
+
+
 def _eval_rows(cfg: Config) -> list[dict[str, Any]]:
     if not cfg.data.eval_prompts:
         return []
+    if cfg.env.name:
+        return env_eval_rows(cfg.data.eval_size)  # held-out environment seeds
     return load_rows(cfg.data.eval_prompts, cfg.data.prompt_field, cfg.data.split)[: cfg.data.eval_size]
 
 
@@ -260,7 +276,7 @@ def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rol
                 T = ids.shape[1] - P
                 mb = {k: v[micro_idx, :T] for k, v in tensors.items()}  # (b, T) trimmed like the inputs
                 new_logprobs, entropy, new_values = _grad_forward(models, ids, mask, P, cfg, algo.uses_critic)
-                loss, stats = algo.loss(mb, new_logprobs, new_values, entropy, cfg.rl, kl_coef, cfg.rollout.max_new_tokens)
+                loss, stats = algo.loss(mb, new_logprobs, new_values, entropy, cfg.rl, kl_coef, cfg.max_policy_tokens)
                 (loss * len(micro_idx) / len(mb_idx)).backward()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * len(micro_idx) / len(mb_idx)
@@ -340,10 +356,7 @@ def evaluate(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config,
     size = cfg.rollout.num_sequences
     for i in range(0, len(my_rows), size):
         chunk = my_rows[i : i + size]
-        texts = [r[cfg.data.prompt_field] for r in chunk]
-        prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
-        rollout = generate(models, tokenizer, prompts, greedy)
-        columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != cfg.data.prompt_field}
+        texts, rollout, columns = _play(models, tokenizer, chunk, cfg, greedy)
         scores, _ = scorer(texts, rollout.completions, columns)
         total += torch.tensor([scores.sum().item(), len(chunk)])
     if accelerator is not None and world > 1:
