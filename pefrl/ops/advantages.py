@@ -68,6 +68,9 @@ def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, la
     delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}, run backwards as in
     lm-human-preferences (train_policy.py). The step after a row's last valid token is terminal: V = 0, A = 0,
     so padding never bootstraps. returns = advantages + values (the value target). Masked positions are 0.
+    A masked position between valid tokens (an environment's observation in a multi-turn episode, pefrl/envs.py)
+    is skipped, not terminal: the turn before it bootstraps from the next valid token, so the final reward
+    reaches every turn.
     """
     mask = response_mask.to(rewards.dtype)
     rewards, values = rewards * mask, values * mask  # (B, T)
@@ -76,24 +79,29 @@ def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, la
     next_value = torch.zeros_like(next_adv)
     reversed_adv = []
     for t in reversed(range(T)):
+        valid = mask[:, t] > 0  # (B,)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # masked step: terminal for the step before it
-        next_value = values[:, t]
-        reversed_adv.append(next_adv)
+        adv = delta + gamma * lam * next_adv
+        # a masked step carries the next valid step's advantage and value through, unchanged; after the last
+        # valid token both are still their initial 0: terminal
+        next_adv = torch.where(valid, adv, next_adv)
+        next_value = torch.where(valid, values[:, t], next_value)
+        reversed_adv.append(adv * mask[:, t])
     advantages = torch.stack(reversed_adv[::-1], dim=1)  # (B, T)
     return advantages, (advantages + values) * mask
 
 
 def discounted_returns(rewards: Tensor, response_mask: Tensor, gamma: float) -> Tensor:
-    """Reward-to-go G_t = sum_{s >= t} gamma^(s - t) r_s over the valid tokens; (B, T), 0 when masked."""
+    """Reward-to-go G_t = sum_{s >= t} gamma^(s - t) r_s over the valid tokens; (B, T), 0 when masked.
+    s counts valid tokens only: masked positions between them (observations) are skipped, not terminal."""
     mask = response_mask.to(rewards.dtype)
     rewards = rewards * mask
     B, T = rewards.shape
     running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)  # (B,)
     reversed_returns = []
     for t in reversed(range(T)):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        reversed_returns.append(running)
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
+        reversed_returns.append(running * mask[:, t])
     return torch.stack(reversed_returns[::-1], dim=1)  # (B, T)
 
 
