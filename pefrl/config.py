@@ -327,6 +327,11 @@ class Config:
         if self.algo in ("rloo", "grpo") and self.rollout.num_samples < 2:
             raise ConfigError(f"algo {self.algo} needs rollout.num_samples >= 2 (a group baseline), got 1")
 
+    @property
+    def max_policy_tokens(self) -> int:
+        """Most policy tokens in one sequence: the fixed_length loss normaliser (episodes have several turns)."""
+        return self.rollout.max_new_tokens * (self.env.max_turns if self.env.name else 1)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

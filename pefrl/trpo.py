@@ -343,7 +343,7 @@ def trpo_update(run: Run, batch: RolloutBatch, targets: Targets, kl_coef: float,
                      prompt_len=rollout.query_ids.shape[1], response_mask=batch.response_mask,
                      behaviour_logprobs=batch.logprobs, advantages=targets.advantages,
                      micro_batch_size=cfg.rl.micro_batch_size, temperature=cfg.rollout.temperature,
-                     max_len=cfg.rollout.max_new_tokens, chunk_size=cfg.model.logits_chunk_size,
+                     max_len=cfg.max_policy_tokens, chunk_size=cfg.model.logits_chunk_size,
                      ref_logprobs=batch.ref_logprobs)
     stats = natural_gradient_step(run.models, policy_parameters(run.models), pb, cfg.rl, run.accelerator.num_processes)
     stats.update(critic_update(run, batch, targets, rollout))
