@@ -10,6 +10,9 @@ EXAMPLES = """examples:
   pefrl train recipes/configs/arithmetic_ppo.yaml                 # PPO on the embedded tiny model
   pefrl train recipes/configs/arithmetic_ppo.yaml train.steps=50 rollout.temperature=0.8
   accelerate launch recipes/ppo.py --config recipes/configs/arithmetic_ppo.yaml   # same, through Accelerate
+  pefrl init myproject                                            # starter config.yaml + my_reward.py
+  pefrl plot runs/arithmetic_ppo                                  # -> runs/arithmetic_ppo/metrics.png
+  pefrl eval runs/arithmetic_ppo --data builtin:arithmetic-eval --size 200   # {"reward_mean": ..., "n": 200}
 """
 
 

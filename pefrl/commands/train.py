@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
     from pefrl.config import load_config
     from pefrl.trainer import train
 
-    train(load_config(args.config, args.overrides))
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *overrides]  # `pefrl train key=value ...`: no config file, all defaults
+    train(load_config(config, overrides))
     return 0
 
 
