@@ -131,3 +131,17 @@ def test_group_advantages_fail_loudly():
         group_advantages(torch.zeros(4), 1, "grpo")
     with pytest.raises(ValueError, match="unknown group advantage mode"):
         group_advantages(torch.zeros(4), 2, "mean")
+
+
+def test_masked_middle_tokens_are_skipped_not_terminal():
+    # An episode: policy turn, two observation tokens (mask 0), policy turn; reward 1 at the very end.
+    # With gamma = lam = 1 and zero values, every policy token's advantage is the final reward:
+    # [1, 1, 0, 0, 1, 1] (observations get 0, and do not cut turn 1 off from the reward).
+    mask = torch.tensor([[1.0, 1, 0, 0, 1, 1]])
+    rewards = torch.tensor([[0.0, 0, 0, 0, 0, 1]])
+    values = torch.zeros(1, 6)
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert advantages.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]
+    assert discounted_returns(rewards, mask, gamma=1.0).tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]
+    # gamma = 0.5 discounts per policy token, skipping the observations: [0.5^3, 0.5^2, 0, 0, 0.5, 1]
+    assert discounted_returns(rewards, mask, gamma=0.5).tolist() == [[0.125, 0.25, 0.0, 0.0, 0.5, 1.0]]
