@@ -166,23 +166,9 @@ def train(
             raise FloatingPointError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopping")
 
         # 7. log, evaluate, checkpoint
-        kl_seq = (kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.rl.kl_estimator) * batch.response_mask).sum(-1)
-        kl_mean = accelerator.reduce(kl_seq.mean(), "mean").item()
-        kl_ctl.update(kl_mean, cfg.rollout.num_sequences * world)
-        record = {
-            "step": step,
-            "reward_mean": accelerator.reduce(scores.mean(), "mean").item(),
-            "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-            "kl": kl_mean,
-            "kl_coef": kl_coef,
-            "entropy": masked_mean(entropy, batch.response_mask).item(),
-            "response_length": batch.response_mask.sum(-1).mean().item(),
-            **{k: v for k, v in targets.stats.items()},
-            **train_stats,
-            **reward_stats,
-            **getattr(rollout, "stats", {}),  # episodes: turns and observation tokens
-            "lr": run.scheduler.get_last_lr()[0],
-        }
+        record = _step_record(run, step, batch, entropy, scores, kl_coef, {**targets.stats, **train_stats,
+                                                                            **reward_stats, **getattr(rollout, "stats", {})})
+        kl_ctl.update(record["kl"], cfg.rollout.num_sequences * world)  # adaptive controller (Ziegler et al. 2019)
         if eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             record["eval_reward_mean"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)
         record.update(_timing(timer, t0, batch.response_mask, accelerator))
@@ -207,6 +193,24 @@ def train(
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return summary
+
+
+def _step_record(run: Run, step: int, batch: RolloutBatch, entropy: torch.Tensor, scores: torch.Tensor,
+                 kl_coef: float, stats: dict[str, float]) -> dict[str, Any]:
+    """The metrics.jsonl line of a step: global reward and sequence KL (summed over tokens), plus `stats`."""
+    cfg, accelerator = run.cfg, run.accelerator
+    kl_seq = (kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.rl.kl_estimator) * batch.response_mask).sum(-1)
+    return {
+        "step": step,
+        "reward_mean": accelerator.reduce(scores.mean(), "mean").item(),
+        "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "kl": accelerator.reduce(kl_seq.mean(), "mean").item(),
+        "kl_coef": kl_coef,
+        "entropy": masked_mean(entropy, batch.response_mask).item(),
+        "response_length": batch.response_mask.sum(-1).mean().item(),
+        **stats,  # targets, update (policy_loss, value_loss, ...), rewards per function, episode stats
+        "lr": run.scheduler.get_last_lr()[0],
+    }
 
 
 def _play(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, rollout_cfg) -> tuple[list[str], Rollout, dict]:
