@@ -118,7 +118,8 @@ def _generation_config(cfg: RolloutConfig, tokenizer, eos_ids: list[int]) -> Gen
         temperature=cfg.temperature if plain else 1.0,
         top_p=cfg.top_p if plain else 1.0,
         top_k=cfg.top_k if plain else 0,  # 0: off
-        min_p=0.0,
+        min_p=None,  # None, not 0.0: transformers adds a (no-op) min-p warper for any non-None value, ~20 ms
+        # per decode step at a 49k vocabulary (docs/benchmarks.md)
         typical_p=1.0,
         epsilon_cutoff=0.0,
         eta_cutoff=0.0,
