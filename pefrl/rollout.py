@@ -45,6 +45,11 @@ class Rollout:
     behaviour_logprobs: torch.Tensor | None = None
     """(B, T) logprobs of the sampled tokens under the distribution that actually sampled them (epsilon-greedy
     mixture); 0 where response_mask is 0. None when sampling was from the policy itself (epsilon = 0)."""
+    logprobs: torch.Tensor | None = None
+    """(B, T) logprobs of the sampled tokens under the tempered, untruncated policy, recorded while sampling
+    (the old logprobs, without a second forward; TRL's PPO does the same); 0 where response_mask is 0."""
+    entropy: torch.Tensor | None = None
+    """(B, T) entropy of the tempered policy at each response position, recorded while sampling."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -55,28 +60,21 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)  # (B, P + T)
 
 
-class EpsilonGreedy(LogitsProcessor):
-    """Replace the sampling distribution p (tempered and top-k/top-p filtered) by
-    (1 - eps) * p + eps * uniform(allowed), allowed = tokens with a finite score, and record the logprob of
-    each sampled token under that mixture.
+class RecordPolicy(LogitsProcessor):
+    """Records, for every sampled token, its logprob and the entropy under the tempered policy
+    log_softmax(logits / temperature), and leaves the scores unchanged.
 
-    Why record: the PPO ratio pi_new / pi_old is an importance weight from the behaviour distribution; with
-    exploration mixed in, that distribution is the mixture, not the policy (Sutton & Barto, off-policy
-    learning). The processor sees the token sampled at step t only at step t + 1 (in input_ids), so it keeps
-    one (B, V) step of log-mixture, never all T of them.
-
-    transformers runs user processors *before* its own temperature/top-k/top-p warpers, so this processor
-    applies them itself and generate() switches transformers' off (temperature 1, top_k 0, top_p 1).
+    transformers runs user processors before its own temperature/top-k/top-p warpers, so the scores seen here
+    are the raw logits: the recorded logprobs are exactly what `models.policy_forward` computes (up to the float
+    noise between a KV-cached and a full forward), which saves the trainer the old-logprob forward. The token
+    sampled at step t is only seen at step t + 1 (in input_ids), so one (B, V) step is kept, never all T.
     """
 
-    def __init__(self, epsilon: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-        self.epsilon = epsilon
-        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-        warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
-        warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-        self.warpers = LogitsProcessorList(warpers)
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
         self.logprobs: list[torch.Tensor] = []  # one (B,) per sampled token
-        self._last: torch.Tensor | None = None  # (B, V) log-mixture of the previous step
+        self.entropy: list[torch.Tensor] = []  # one (B,) per step
+        self._last: torch.Tensor | None = None  # (B, V) log-probabilities of the previous step
 
     def record(self, sampled: torch.Tensor) -> None:
         """Logprob of the tokens `sampled` (B,) at the previous step."""
@@ -84,7 +82,50 @@ class EpsilonGreedy(LogitsProcessor):
             self.logprobs.append(self._last.gather(-1, sampled[:, None]).squeeze(-1))  # (B,)
             self._last = None
 
+    def _policy(self, scores: torch.Tensor) -> torch.Tensor:
+        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        p = logprobs.exp()
+        self.entropy.append(-torch.where(p > 0, p * logprobs, torch.zeros_like(p)).sum(-1))  # (B,)
+        return logprobs
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.record(input_ids[:, -1])
+        self._last = self._policy(scores)
+        return scores
+
+    def stacked(self, sampled: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logprobs, entropy), each (B, T), zero outside response_mask; `sampled` (B, T0) is the output."""
+        self.record(sampled[:, -1])  # the last step's token is only in the output
+        T = response_mask.shape[1]
+        zero = lambda x: torch.where(response_mask > 0, x, torch.zeros_like(x))  # noqa: E731
+        entropy = zero(torch.stack(self.entropy, 1)[:, :T]) if self.entropy else None  # the mixture keeps none
+        return zero(torch.stack(self.logprobs, 1)[:, :T]), entropy
+
+
+class EpsilonGreedy(RecordPolicy):
+    """Replace the sampling distribution p (tempered and top-k/top-p filtered) by
+    (1 - eps) * p + eps * uniform(allowed), allowed = tokens with a finite score, and record the logprob of
+    each sampled token under that mixture (and, through RecordPolicy, under the tempered policy).
+
+    Why record: the PPO ratio pi_new / pi_old is an importance weight from the behaviour distribution; with
+    exploration mixed in, that distribution is the mixture, not the policy (Sutton & Barto, off-policy
+    learning).
+
+    transformers runs user processors *before* its own temperature/top-k/top-p warpers, so this processor
+    applies them itself and generate() switches transformers' off (temperature 1, top_k 0, top_p 1).
+    """
+
+    def __init__(self, epsilon: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+        super().__init__(temperature)
+        self.epsilon = epsilon
+        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
+        warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        self.warpers = LogitsProcessorList(warpers)
+        self.policy = RecordPolicy(temperature)  # the policy's own logprobs, beside the mixture's
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.policy(input_ids, scores)
         self.record(input_ids[:, -1])
         scores = self.warpers(input_ids, scores.float())  # (B, V), filtered tokens at -inf
         allowed = torch.isfinite(scores)  # (B, V)
@@ -209,10 +250,9 @@ def generate(
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     P = query_ids.shape[1]
     eos_ids = _eos_ids(models, tokenizer)
-    explore = None
-    if rollout_cfg.epsilon > 0:
-        c = rollout_cfg
-        explore = EpsilonGreedy(c.epsilon, c.temperature, c.top_k, c.top_p)
+    c = rollout_cfg
+    explore = EpsilonGreedy(c.epsilon, c.temperature, c.top_k, c.top_p) if c.epsilon > 0 else None
+    recorder = explore.policy if explore else RecordPolicy(c.temperature)
     stopping = [StopOnStrings(tokenizer, rollout_cfg.stop, P)] if rollout_cfg.stop else []
     seed = _seed_from(generator)
     was_training = model.training
@@ -226,7 +266,7 @@ def generate(
                 input_ids=query_ids,
                 attention_mask=query_mask,
                 generation_config=_generation_config(rollout_cfg, tokenizer, eos_ids),
-                logits_processor=LogitsProcessorList([explore] if explore else []),
+                logits_processor=LogitsProcessorList([explore or recorder]),
                 stopping_criteria=stopping or None,
             )
     finally:
@@ -242,9 +282,6 @@ def generate(
     positions = torch.arange(T, device=device)
     response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).float()  # (B, T)
     response_ids = sampled[:, :T].masked_fill(response_mask == 0, tokenizer.pad_token_id)  # (B, T)
-    behaviour = None
-    if explore is not None:
-        explore.record(sampled[:, -1])  # the last step's token is only in the output
-        behaviour = torch.stack(explore.logprobs, dim=1)[:, :T]  # (B, T)
-        behaviour = torch.where(response_mask > 0, behaviour, torch.zeros_like(behaviour))
-    return Rollout(query_ids, query_mask, response_ids, response_mask, completions, behaviour)
+    logprobs, entropy = recorder.stacked(sampled, response_mask)  # (B, T) each
+    behaviour = explore.stacked(sampled, response_mask)[0] if explore is not None else None
+    return Rollout(query_ids, query_mask, response_ids, response_mask, completions, behaviour, logprobs, entropy)

@@ -234,21 +234,28 @@ def _eval_rows(cfg: Config) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: Config, uses_critic: bool):
-    """Old logprobs, reference logprobs and values for the whole rollout, micro-batch by micro-batch."""
+    """Old logprobs, reference logprobs and values for the whole rollout, micro-batch by micro-batch.
+
+    The old logprobs and entropy come from generation (`Rollout.logprobs`, recorded while sampling), so the
+    policy runs a forward here only where something else needs it: the shared critic's values, or a rollout
+    that recorded nothing (multi-turn episodes)."""
     temperature, T = cfg.rollout.temperature, rollout.response_ids.shape[1]
     old, ref, values, entropy = [], [], [], []
     shared, chunk = models.critic == "shared", cfg.model.logits_chunk_size
+    policy_pass = rollout.logprobs is None or (uses_critic and shared)
     pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (b, t) -> (b, T)
     for idx in torch.arange(len(rollout.response_ids)).split(cfg.rl.micro_batch_size):
         ids, mask, P = _micro_inputs(rollout, idx)
-        lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=uses_critic and shared, chunk_size=chunk)
-        old.append(pad(lp))
-        entropy.append(pad(ent))
+        if policy_pass:
+            lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=uses_critic and shared,
+                                        chunk_size=chunk)
+            old.append(pad(lp))
+            entropy.append(pad(ent))
         ref.append(pad(reference_logprobs(models, ids, mask, P, temperature, chunk_size=chunk)))
         if uses_critic:
             values.append(pad(v if shared else critic_values(models, ids, mask, P)))
     response_mask = rollout.response_mask
-    logprobs = torch.cat(old)
+    logprobs, entropy = (torch.cat(old), torch.cat(entropy)) if policy_pass else (rollout.logprobs, rollout.entropy)
     if rollout.behaviour_logprobs is not None:
         # Epsilon-greedy sampled from a mixture, not from the policy: the ratio must use the behaviour logprobs.
         logprobs = rollout.behaviour_logprobs
@@ -260,7 +267,7 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
         values=torch.cat(values) * response_mask if uses_critic else None,
         num_samples=cfg.rollout.num_samples,
     )
-    return batch, torch.cat(entropy)
+    return batch, entropy
 
 
 def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rollout) -> dict[str, float]:

@@ -125,3 +125,22 @@ def test_epsilon_greedy_behaviour_logprobs(model_dirs):
     # without filtering the uniform part covers the whole vocabulary
     wide = generate(models, tok, PROMPTS, dataclasses.replace(cfg, top_k=0), torch.Generator().manual_seed(0))
     assert (wide.behaviour_logprobs[wide.response_mask.bool()] >= math.log(eps / len(tok))).all()
+
+
+@pytest.mark.parametrize("epsilon, temperature", [(0.0, 1.0), (0.0, 0.7), (0.2, 0.8)])
+def test_recorded_logprobs_and_entropy_equal_a_full_forward(model_dirs, epsilon, temperature):
+    """The trainer skips the old-logprob forward and uses these: they must be what policy_forward computes."""
+    model_cfg = ModelConfig(name_or_path=model_dirs["llama"])
+    tok, models = load_tokenizer(model_cfg), load_models(model_cfg, LoraConfig(), False)
+    with torch.no_grad():
+        for n, p in models.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)  # a policy that differs from the base
+    cfg = RolloutConfig(max_new_tokens=6, temperature=temperature, epsilon=epsilon, top_k=20 if epsilon else 0)
+    r = generate(models, tok, ["12+34=", "7+8=", "the quick"] * 2, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lp, ent, _ = policy_forward(models, r.input_ids, r.attention_mask, r.query_ids.shape[1], temperature)
+    m = r.response_mask
+    torch.testing.assert_close(r.logprobs, lp * m, rtol=0, atol=1e-4)
+    torch.testing.assert_close(r.entropy, ent * m, rtol=0, atol=1e-4)
+    assert (r.behaviour_logprobs is not None) == (epsilon > 0)
