@@ -238,7 +238,12 @@ def summarize(runs: list[dict], skip: int) -> dict:
             for t, g in zip(r["step_times_s"][skip:], r.get("step_gc_s", [0.0] * len(r["step_times_s"]))[skip:])),
     }
     if "split_s" in runs[0]:
-        out["split_s"] = {k: statistics.median(t for r in runs for t in r["split_s"][k][skip:]) for k in runs[0]["split_s"]}
+        keys = list(runs[0]["split_s"])
+        out["split_s"] = {k: statistics.median(t for r in runs for t in r["split_s"][k][skip:]) for k in keys}
+        # per step: what the four stages leave out (prompt formatting, KL/advantages, logging)
+        out["split_s"]["other_s"] = statistics.median(
+            step - sum(r["split_s"][k][i] for k in keys) for r in runs
+            for i, step in enumerate(r["step_times_s"]) if i >= skip)
     return out
 
 
@@ -266,7 +271,7 @@ def table(results: dict[str, dict]) -> str:
     split = ["| pefrl algo | generate (s) | score (s) | reference+values (s) | update (s) | other (s) |", "|---|---|---|---|---|---|"]
     for algo, res in results.items():
         s = res["pefrl"]["split_s"]
-        other = res["pefrl"]["median_step_s"] - sum(s.values())
+        other = s.get("other_s", res["pefrl"]["median_step_s"] - sum(s.values()))
         split.append(f"| {algo} | {s['gen_time_s']:.3f} | {s['score_time_s']:.3f} | {s['reference_time_s']:.3f} | "
                      f"{s['train_time_s']:.3f} | {other:.3f} |")
     return "\n".join(lines + [""] + ratios + [""] + split)
@@ -305,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.child_pefrl:
         child_pefrl(json.loads(a.child_pefrl), a.threads)
         return 0
-    if a.table_from:
-        print(table(json.loads(Path(a.table_from).read_text())["summary"]))
+    if a.table_from:  # summaries recomputed from the stored runs
+        saved = json.loads(Path(a.table_from).read_text())
+        skip = saved["args"]["skip_steps"]
+        print(table({algo: {side: summarize(r, skip) for side, r in runs.items()} for algo, runs in saved["runs"].items()}))
         return 0
     algos = [x.strip() for x in a.algos.split(",") if x.strip()]
     for algo in algos:

@@ -54,7 +54,9 @@ def _run(steps, peak, after, tokens, split=None):
 
 def test_summary_and_ratios_by_hand():
     # kept steps (first dropped): pefrl 1, 2, 3, 5 -> median 2.5; trl 5, 6 -> median 5.5
-    split = {"gen_time_s": [9, 1], "score_time_s": [9, 0], "reference_time_s": [9, 0.5], "train_time_s": [9, 0.5]}
+    # stages sum to 2.0 s in every kept step: "other" per step is -1, 0, 1, 3 -> median 0.5
+    split = {"gen_time_s": [9, 1, 1], "score_time_s": [9, 0, 0], "reference_time_s": [9, 0.5, 0.5],
+             "train_time_s": [9, 0.5, 0.5]}
     pefrl = bench.summarize([_run([9, 1, 2], 100, 60, 40, split), _run([9, 3, 5], 120, 60, 40, split)], skip=1)
     trl = bench.summarize([_run([9, 5, 6], 200, 50, 60) | {"step_gc_s": [9, 1, 1]}], skip=1)  # kept: 4, 5 -> 4.5
     assert pefrl["median_step_s"] == 2.5 and trl["median_step_s"] == 5.5
@@ -65,7 +67,8 @@ def test_summary_and_ratios_by_hand():
     text = bench.table({"grpo": {"pefrl": pefrl, "trl": trl}})
     assert trl["median_step_without_gc_s"] == 4.5
     assert "| grpo | 2.20x | 1.80x | 0.55 | 0.33 |" in text  # 5.5 / 2.5, 4.5 / 2.5, 110 / 200, 50 / 150
-    assert "| grpo | 1.000 | 0.000 | 0.500 | 0.500 | 0.500 |" in text  # other = 2.5 - 2.0
+    assert pefrl["split_s"]["other_s"] == 0.5
+    assert "| grpo | 1.000 | 0.000 | 0.500 | 0.500 | 0.500 |" in text
 
 
 def test_pefrl_child_reports_steps_split_and_memory(tmp_path, capsys):
