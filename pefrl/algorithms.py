@@ -42,6 +42,9 @@ class RolloutBatch:
     scores: Tensor  # (B,) sequence reward from reward functions / model
     values: Tensor | None  # (B, T) critic values; None for critic-free algorithms
     num_samples: int  # k: rows [i*k, (i+1)*k) share prompt i
+    # (B, T) the policy's own logprobs when sampling was NOT from it (epsilon-greedy: `logprobs` then holds the
+    # behaviour mixture's, for the ratio); None when they equal `logprobs`. The KL to the reference reads these.
+    policy_logprobs: Tensor | None = None
 
 
 @dataclass
@@ -102,7 +105,8 @@ def get_algorithm(name: str) -> Algorithm:
 
 def _token_kl(batch: RolloutBatch, cfg: RLConfig) -> Tensor:
     """Per-token KL(policy || ref) of the rollout, 0 outside the response. (B, T)"""
-    kl = kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator)
+    logprobs = batch.policy_logprobs if batch.policy_logprobs is not None else batch.logprobs  # pi, never mu
+    kl = kl_estimate(logprobs, batch.ref_logprobs, cfg.kl_estimator)
     return torch.where(batch.response_mask > 0, kl, 0.0)
 
 
@@ -163,7 +167,8 @@ def ppo_loss(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: floa
 def a2c_loss(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: float, max_len: int):
     """Advantage actor-critic (Mnih et al. 2016): -A log pi + vf_coef * 0.5 (V - R)^2; one on-policy step."""
     mask = mb["response_mask"]
-    pg_loss = policy_gradient_loss(new_logprobs, mb["advantages"], mask, cfg.loss_aggregation, max_len)
+    pg_loss = policy_gradient_loss(new_logprobs, mb["advantages"], mask, cfg.loss_aggregation, max_len,
+                                   behaviour_logprobs=mb["logprobs"])
     vf_loss, _ = clipped_value_loss(new_values, mb["values"], mb["returns"], mask, clip_range=0.0)
     ent = entropy_bonus(entropy, mask, cfg.loss_aggregation, max_len)
     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
@@ -204,7 +209,8 @@ def reinforce_targets(batch: RolloutBatch, cfg: RLConfig, kl_coef: float, state:
 def pg_loss_fn(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: float, max_len: int):
     """-A log pi - entropy bonus (REINFORCE)."""
     mask = mb["response_mask"]
-    pg_loss = policy_gradient_loss(new_logprobs, mb["advantages"], mask, cfg.loss_aggregation, max_len)
+    pg_loss = policy_gradient_loss(new_logprobs, mb["advantages"], mask, cfg.loss_aggregation, max_len,
+                                   behaviour_logprobs=mb["logprobs"])
     ent = entropy_bonus(entropy, mask, cfg.loss_aggregation, max_len)
     loss = pg_loss - cfg.entropy_coef * ent
     stats = {"policy_loss": pg_loss.detach(), **_approx_kl(new_logprobs, mb)}
@@ -281,5 +287,5 @@ register(Algorithm("grpo", uses_critic=False, single_update=False, kl_in_reward=
                    loss=grpo_loss))
 register(Algorithm("reinforce_pp", uses_critic=False, single_update=False, kl_in_reward=True,
                    targets=reinforce_pp_targets, loss=clipped_pg_loss_fn))
-# trpo registers here (another module's targets + a natural-gradient update; its helper adds it)
+
 from pefrl import trpo  # noqa: F401  registers trpo

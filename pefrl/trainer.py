@@ -199,7 +199,8 @@ def _step_record(run: Run, step: int, batch: RolloutBatch, entropy: torch.Tensor
                  kl_coef: float, stats: dict[str, float]) -> dict[str, Any]:
     """The metrics.jsonl line of a step: global reward and sequence KL (summed over tokens), plus `stats`."""
     cfg, accelerator = run.cfg, run.accelerator
-    kl_seq = (kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.rl.kl_estimator) * batch.response_mask).sum(-1)
+    policy_logprobs = batch.policy_logprobs if batch.policy_logprobs is not None else batch.logprobs  # pi, not mu
+    kl_seq = (kl_estimate(policy_logprobs, batch.ref_logprobs, cfg.rl.kl_estimator) * batch.response_mask).sum(-1)
     return {
         "step": step,
         "reward_mean": accelerator.reduce(scores.mean(), "mean").item(),
@@ -256,12 +257,15 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
             values.append(pad(v if shared else critic_values(models, ids, mask, P)))
     response_mask = rollout.response_mask
     logprobs, entropy = (torch.cat(old), torch.cat(entropy)) if policy_pass else (rollout.logprobs, rollout.entropy)
+    policy_logprobs = None
     if rollout.behaviour_logprobs is not None:
-        # Epsilon-greedy sampled from a mixture, not from the policy: the ratio must use the behaviour logprobs.
-        logprobs = rollout.behaviour_logprobs
+        # Epsilon-greedy sampled from a mixture, not from the policy: the ratio must use the behaviour logprobs,
+        # the KL to the reference the policy's own.
+        policy_logprobs, logprobs = logprobs * response_mask, rollout.behaviour_logprobs
     batch = RolloutBatch(
         response_mask=response_mask,
         logprobs=logprobs * response_mask,
+        policy_logprobs=policy_logprobs,
         ref_logprobs=torch.cat(ref) * response_mask,
         scores=scores,
         values=torch.cat(values) * response_mask if uses_critic else None,

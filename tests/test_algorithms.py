@@ -203,9 +203,14 @@ def test_a2c_loss_has_no_ratio_and_no_value_clipping():
     new_values = torch.tensor([[1.0, 0.0]], requires_grad=True)  # 1 step from old 0: beyond a 0.2 clip
     cfg = RLConfig(vf_coef=0.5)
     loss, stats = get_algorithm("a2c").loss(mb, new_logprobs, new_values, torch.zeros(1, 2), cfg, 0.1, 2)
-    # policy: -A * logp = [0.5, -3.0] -> mean -1.25; value: 0.5 * mean([(1-3)^2, 0]) = 1.0
-    assert stats["policy_loss"].item() == pytest.approx(-1.25)
+    # policy: -w * A * logp with the detached importance weight w = pi / mu = [e^0.5, e^-0.5] (mb["logprobs"] are
+    # the behaviour logprobs) = [0.5 e^0.5, -3 e^-0.5] -> mean 0.5 * (0.82436 - 1.81959) = -0.49762
+    # value: 0.5 * mean([(1-3)^2, 0]) = 1.0
+    pg = 0.5 * (0.5 * math.exp(0.5) - 3.0 * math.exp(-0.5))
+    assert stats["policy_loss"].item() == pytest.approx(pg, rel=1e-5)
     assert stats["value_loss"].item() == pytest.approx(1.0)
-    assert loss.item() == pytest.approx(-1.25 + 0.5 * 1.0)
+    assert loss.item() == pytest.approx(pg + 0.5 * 1.0, rel=1e-5)
+    loss.backward()  # the weight is detached: d/dlogp = -w * A / 2 = [-e^0.5 / 2, e^-0.5]
+    torch.testing.assert_close(new_logprobs.grad, torch.tensor([[-0.5 * math.exp(0.5), math.exp(-0.5)]]))
     ppo_pg, _ = clipped_policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, 0.2, "token_mean", 2)
-    assert ppo_pg.item() != pytest.approx(-1.25)  # PPO would differ on the same numbers
+    assert ppo_pg.item() != pytest.approx(pg)  # PPO would differ on the same numbers (it clips e^0.5 to 1.2)

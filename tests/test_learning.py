@@ -103,3 +103,15 @@ def test_num_samples_groups_each_prompt_k_times(tmp_path):
         groups = [prompts[i : i + 4] for i in range(0, 32, 4)]
         assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 8
         assert any(len(set(completions[i : i + 4])) > 1 for i in range(0, 32, 4))
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_epsilon_greedy_kl_to_the_reference_is_the_policys(algo, tmp_path):
+    """At step 0 the policy IS the reference (LoRA B = 0), so the KL shaped into the reward must be 0 however
+    the tokens were sampled: it is KL(pi || ref), not KL(mu || ref) of the exploration mixture."""
+    one_pass = ["train.steps=1", "data.eval_prompts=null", "rollout.batch_size=32", "rl.epochs=1",
+                "rl.minibatch_size=32", "rollout.epsilon=0.2", "rl.kl_estimator=k1"]
+    _, metrics = _run(algo, tmp_path, one_pass)
+    # ~1e-7, not 0: the policy's logprobs come from generation's cached forward, the reference's from a full one
+    assert abs(metrics[0]["kl"]) < 1e-4 and abs(metrics[0]["non_score_reward"]) < 1e-5  # unpatched: 5.8 and -0.29
+    assert metrics[0]["approx_kl"] > 0.1  # while the ratio still divides by mu

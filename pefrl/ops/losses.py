@@ -68,10 +68,18 @@ def clipped_policy_loss(
 
 
 def policy_gradient_loss(
-    logprobs: Tensor, advantages: Tensor, response_mask: Tensor, aggregation: str, max_len: int
+    logprobs: Tensor, advantages: Tensor, response_mask: Tensor, aggregation: str, max_len: int,
+    behaviour_logprobs: Tensor | None = None,
 ) -> Tensor:
-    """Vanilla policy gradient -A * log pi (Williams 1992; A2C, REINFORCE): on-policy, no ratio, no clipping."""
-    return aggregate(-advantages.detach() * logprobs, response_mask, aggregation, max_len)
+    """Vanilla policy gradient -A * log pi (Williams 1992; A2C, REINFORCE): no ratio in the loss, no clipping.
+
+    behaviour_logprobs (sampling from mu != pi, e.g. epsilon-greedy): each token's term is weighted by the
+    detached importance ratio pi / mu, since E_mu[(pi / mu) A grad log pi] = E_pi[A grad log pi] (per-token
+    ratios, as PPO's). On-policy the weight is exp(0) = 1 and the gradient is unchanged."""
+    weight = 1.0
+    if behaviour_logprobs is not None:
+        weight = torch.exp((logprobs.detach() - behaviour_logprobs) * response_mask)  # (B, T)
+    return aggregate(-weight * advantages.detach() * logprobs, response_mask, aggregation, max_len)
 
 
 def clipped_value_loss(
