@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm, loss_inputs
 from pefrl.checkpoint import load_checkpoint, resolve_resume, restore_rng, save_checkpoint
@@ -129,6 +130,8 @@ def train(
     if run.resumed_from is not None:
         restore_rng(run.resumed_from, rank)  # here, not in setup: evaluation above draws from the RNG too
     t_start, bad_steps, step = time.perf_counter(), 0, run.start_step - 1
+    bar = tqdm(total=cfg.train.steps, initial=run.start_step, desc=f"pefrl {cfg.algo}", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(run.start_step, cfg.train.steps):
         timer = Timer()
         t0 = time.perf_counter()
@@ -175,13 +178,17 @@ def train(
         writer.write(record)
         if cfg.train.trackers:
             accelerator.log(record, step=step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}",
+                        tok_s=f"{record['gen_tokens_per_s']:.0f}", refresh=False)
         if accelerator.is_main_process and (step + 1) % cfg.train.log_every == 0:
-            print(progress_line(record, cfg.train.steps), flush=True)
+            bar.write(progress_line(record, cfg.train.steps))
         if accelerator.is_main_process and cfg.train.samples_every and (step + 1) % cfg.train.samples_every == 0:
-            print(writer.write_samples(step, texts, rollout.completions, scores.tolist()), flush=True)
+            bar.write(writer.write_samples(step, texts, rollout.completions, scores.tolist()))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             save_checkpoint(run, step + 1)  # collective; atomic: a crash here keeps the previous checkpoints
 
+    bar.close()
     summary["steps"] = step + 1
     summary["train_seconds"] = time.perf_counter() - t_start
     if eval_rows:

@@ -52,3 +52,13 @@ def test_train_changes_only_adapters_and_writes_outputs(tmp_path, critic):
     assert (tmp_path / "final" / "policy" / "adapter_model.safetensors").exists()
     assert (tmp_path / "final" / "value_head.safetensors").exists()
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 16
+
+
+def test_tensorboard_tracker_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = load_config("recipes/configs/arithmetic_a2c.yaml", [
+        f"output_dir={tmp_path}", "train.steps=2", "rollout.batch_size=8", "rl.minibatch_size=8",
+        "data.eval_prompts=", "train.trackers=[tensorboard]"])
+    train(cfg)
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
