@@ -320,7 +320,7 @@ def _enable_checkpointing(model: PeftModel) -> None:
 
     def context_fn():
         forward_adapter = _current_adapter(model)  # read at forward time
-        return nullcontext(), _adapter_if_switched(model, forward_adapter)
+        return nullcontext(), use_adapter(model, forward_adapter)
 
     model.get_base_model().activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
@@ -332,15 +332,6 @@ def _current_adapter(model: PeftModel) -> str | None:
 
 
 @contextmanager
-def _adapter_if_switched(model: PeftModel, name: str | None) -> Iterator[None]:
-    if _current_adapter(model) == name:
-        yield
-    else:
-        with use_adapter(model, name):
-            yield
-
-
-@contextmanager
 def use_adapter(models_or_model: Models | PeftModel, name: str | None) -> Iterator[None]:
     """Run the block with adapter `name` active (None: all adapters disabled, i.e. the base).
 
@@ -348,6 +339,9 @@ def use_adapter(models_or_model: Models | PeftModel, name: str | None) -> Iterat
     adapters); the previous adapter and flags are restored even when the block raises.
     """
     model = models_or_model.model if isinstance(models_or_model, Models) else models_or_model
+    if _current_adapter(model) == name:  # already active: peft's set_adapter walks every module, skip it
+        yield
+        return
     flags = {p: p.requires_grad for p in model.parameters()}
     previous, previous_name = model.active_adapter, _current_adapter(model)
 
