@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     transformers.logging.set_verbosity_error()
     transformers.set_seed(args.seed)
+    if args.algo == "ppo":  # the trainer modules too, so that "RSS growth" counts no import
+        from trl.experimental.ppo import PPOTrainer  # noqa: F401
+    else:
+        from trl import GRPOTrainer, RLOOTrainer  # noqa: F401
     rss_after_imports = psutil.Process().memory_info().rss
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"
