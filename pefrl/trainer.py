@@ -129,7 +129,7 @@ def train(
         accelerator.print(f"eval before training: {summary['eval_before']:.3f}")
     if run.resumed_from is not None:
         restore_rng(run.resumed_from, rank)  # here, not in setup: evaluation above draws from the RNG too
-    t_start, bad_steps, step = time.perf_counter(), 0, run.start_step - 1
+    t_start, bad_steps, steps_done = time.perf_counter(), 0, run.start_step
     bar = tqdm(total=cfg.train.steps, initial=run.start_step, desc=f"pefrl {cfg.algo}", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(run.start_step, cfg.train.steps):
@@ -187,9 +187,10 @@ def train(
             bar.write(writer.write_samples(step, texts, rollout.completions, scores.tolist()))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             save_checkpoint(run, step + 1)  # collective; atomic: a crash here keeps the previous checkpoints
+        steps_done = step + 1
 
     bar.close()
-    summary["steps"] = step + 1
+    summary["steps"] = steps_done
     summary["train_seconds"] = time.perf_counter() - t_start
     if eval_rows:
         summary["eval_after"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)

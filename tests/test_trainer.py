@@ -62,3 +62,22 @@ def test_tensorboard_tracker_writes_events(tmp_path):
     train(cfg)
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_online_prompt_source_trains_until_it_ends(tmp_path):
+    """Prompts from a generator (arriving while training runs): the run stops when the source ends."""
+    from pefrl.tasks.arithmetic import problems
+
+    seen = []
+
+    def arriving():
+        for row in problems("train")[:20]:  # 20 prompts = 2 steps of 8, then 4 left over: not a full batch
+            seen.append(row["prompt"])
+            yield row
+
+    cfg = load_config("recipes/configs/arithmetic_a2c.yaml", [
+        f"output_dir={tmp_path}", "train.steps=10", "rollout.batch_size=8", "rl.minibatch_size=8",
+        "data.eval_prompts="])
+    summary = train(cfg, prompt_source=arriving())
+    assert summary["steps"] == 2 and len(seen) == 20
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
