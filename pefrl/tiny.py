@@ -7,6 +7,7 @@ embedded default model. Everything here runs in seconds on a CPU and touches no 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -90,3 +91,13 @@ def build_model(
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))
     return Qwen2ForCausalLM(Qwen2Config(**common))
+
+
+def save_tiny_model(out_dir: str | Path, arch: str = "llama", tokenizer: PreTrainedTokenizerFast | None = None,
+                    **model_kwargs) -> str:
+    """Build a tiny random model (and a tokenizer unless given) and save both to `out_dir`; returns the dir.
+    What every test needs before `from_pretrained`."""
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    build_model(arch, tokenizer, **model_kwargs).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)

@@ -11,7 +11,7 @@ from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
 from pefrl.envs import EVAL_SEED_OFFSET, Environment, eval_rows, make_envs, rollout_episodes, seed_rows
 from pefrl.rollout import Rollout
 from pefrl.tasks.games import GuessingGame, ShapedGuessingGame, TicTacToe, first_integer
-from pefrl.tiny import build_model, build_tokenizer
+from pefrl.tiny import build_tokenizer, save_tiny_model
 
 torch.set_num_threads(1)
 
@@ -182,11 +182,8 @@ def test_episode_is_cut_at_max_turns_without_trailing_observation(monkeypatch):
 def tiny_models(tmp_path_factory):
     from pefrl.models import load_models, load_tokenizer
 
-    d = tmp_path_factory.mktemp("tiny")
-    tok = build_tokenizer()
-    build_model("llama", tok, hidden_size=32, num_layers=2).save_pretrained(d)
-    tok.save_pretrained(d)
-    model_cfg = ModelConfig(name_or_path=str(d))
+    d = save_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32, num_layers=2)
+    model_cfg = ModelConfig(name_or_path=d)
     models = load_models(model_cfg, LoraConfig(r=4), uses_critic=False)
     with torch.no_grad():  # a non-zero policy adapter, so that "policy" differs from the base
         for name, p in models.model.named_parameters():

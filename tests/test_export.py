@@ -6,6 +6,7 @@ would miss by that much, far above the 1e-4 the fp32 export must meet.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from pefrl import export as ex
 from pefrl.cli import main
 from pefrl.config import load_config, save_config
 from pefrl.models import load_models, save_adapters
-from pefrl.tiny import build_model, build_tokenizer
+from pefrl.tiny import save_tiny_model
 
 torch.set_num_threads(1)
 PROMPTS = ["1+2=", "33+44=", "the quick brown fox"]
@@ -25,11 +26,7 @@ PROMPTS = ["1+2=", "33+44=", "the quick brown fox"]
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tok = build_tokenizer()
-    d = tmp_path_factory.mktemp("base")
-    build_model("llama", tok, hidden_size=64, num_layers=2).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return Path(save_tiny_model(tmp_path_factory.mktemp("base"), hidden_size=64, num_layers=2))
 
 
 def _make_run(run_dir, base_dir, *overrides, b_std=0.1):

@@ -21,19 +21,15 @@ from pefrl.models import (
     reference_logprobs,
 )
 from pefrl.ops.logprobs import selective_logprobs
-from pefrl.tiny import build_model, build_tokenizer
+from pefrl.tiny import save_tiny_model
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    tok = build_tokenizer()
-    d = tmp_path_factory.mktemp("llama")
     # hidden 64: bitsandbytes' 4-bit blocks are 64 values, so every weight spans whole blocks
-    build_model("llama", tok, hidden_size=64, num_layers=2).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), hidden_size=64, num_layers=2)
 
 
 def _batch():

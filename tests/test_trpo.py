@@ -12,7 +12,7 @@ from pefrl.algorithms import RolloutBatch, Targets
 from pefrl.config import LoraConfig, ModelConfig, RLConfig, load_config
 from pefrl.models import load_models, policy_forward
 from pefrl.ops.advantages import masked_mean
-from pefrl.tiny import build_model, build_tokenizer
+from pefrl.tiny import save_tiny_model
 from pefrl.trpo import (
     PolicyBatch,
     conjugate_gradient,
@@ -79,11 +79,7 @@ def test_batch_share_makes_micro_batch_sums_equal_the_whole_batch():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = build_tokenizer()
-    d = tmp_path_factory.mktemp("llama")
-    build_model("llama", tok, hidden_size=32, num_layers=2).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), hidden_size=32, num_layers=2)
 
 
 def _models(model_dir, critic="adapter"):
