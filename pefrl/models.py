@@ -39,7 +39,6 @@ from transformers.pytorch_utils import Conv1D
 from pefrl.config import LoraConfig, ModelConfig
 from pefrl.ops.logprobs import chunked_logprobs, entropy_from_logits, selective_logprobs
 
-logger = logging.getLogger(__name__)
 
 POLICY, CRITIC, REFERENCE = "policy", "critic", "reference"
 LLAMA_LIKE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
