@@ -121,6 +121,10 @@ class RolloutConfig:
     """Epsilon-greedy exploration: with this probability a token is drawn uniformly from the allowed set."""
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation of a sequence ends at the first one (EOS always stops)."""
+    engine: str = "auto"
+    """Sampler: 'pefrl' (lean KV-cache decoder for Llama/Mistral/Qwen2 bases that also scores the reference
+    in the same pass, pefrl/decode.py), 'transformers' (HF generate, any model) or 'auto' (pefrl where the
+    model is supported, else transformers)."""
 
     def __post_init__(self):
         _positive("rollout.batch_size", self.batch_size)
@@ -132,6 +136,7 @@ class RolloutConfig:
         if self.top_k < 0:
             raise ConfigError(f"rollout.top_k must be >= 0, got {self.top_k}")
         _in_range("rollout.epsilon", self.epsilon, 0.0, 1.0)
+        _choice("rollout.engine", self.engine, ("auto", "pefrl", "transformers"))
 
     @property
     def num_sequences(self) -> int:

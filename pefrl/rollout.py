@@ -1,4 +1,8 @@
-"""Rollout: sample completions from the policy adapter with HF `generate` (left padding, KV cache).
+"""Rollout: sample completions from the policy adapter (left padding, KV cache).
+
+Two engines (rollout.engine): pefrl's lean decoder (pefrl/decode.py: Llama/Mistral/Qwen2, unquantized; it can
+score the reference in the same pass) and HF `generate` (any model). Both sample the same distribution and
+record the same old logprobs and entropies; `auto` takes the lean one where it runs.
 
 A completion ends at the first EOS (kept, and in the response_mask: the policy chose to stop) or at the first
 stop string (the token that completes it is kept; the text is cut before the string). Positions after the end
@@ -24,6 +28,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from pefrl import decode
 from pefrl.config import RolloutConfig
 from pefrl.models import POLICY, Models, use_adapter
 
@@ -50,6 +55,9 @@ class Rollout:
     (the old logprobs, without a second forward; TRL's PPO does the same); 0 where response_mask is 0."""
     entropy: torch.Tensor | None = None
     """(B, T) entropy of the tempered policy at each response position, recorded while sampling."""
+    ref_logprobs: torch.Tensor | None = None
+    """(B, T) reference logprobs of the sampled tokens, scored while sampling (engine 'pefrl' with
+    with_reference=True); 0 where response_mask is 0. None: the trainer runs the reference forward."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -230,6 +238,31 @@ def _response_length(tokenizer, tokens: list[int], eos_ids: list[int], stop: lis
     return lo, text[: min(cuts)]
 
 
+def use_pefrl_engine(models: Models, rollout_cfg: RolloutConfig) -> bool:
+    """Whether rollout.engine picks pefrl's lean decoder for these models (raises if 'pefrl' cannot run)."""
+    if rollout_cfg.engine == "transformers":
+        return False
+    reason = decode.unsupported_reason(models)
+    if reason is not None and rollout_cfg.engine == "pefrl":
+        raise ValueError(f"rollout.engine: 'pefrl' cannot sample from this model: {reason}; use 'auto' or "
+                         "'transformers'")
+    return reason is None
+
+
+def _hf_generate(models: Models, query_ids, query_mask, cfg: RolloutConfig, tokenizer, eos_ids, stopping):
+    """transformers' generate with the recording processors -> (sampled (B, T0), recorder, explore)."""
+    explore = EpsilonGreedy(cfg.epsilon, cfg.temperature, cfg.top_k, cfg.top_p) if cfg.epsilon > 0 else None
+    recorder = explore.policy if explore else RecordPolicy(cfg.temperature)
+    out = models.model.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        generation_config=_generation_config(cfg, tokenizer, eos_ids),
+        logits_processor=LogitsProcessorList([explore or recorder]),
+        stopping_criteria=[stopping] if stopping else None,
+    )
+    return out.sequences[:, query_ids.shape[1] :], recorder, explore
+
+
 @torch.no_grad()
 def generate(
     models: Models,
@@ -238,11 +271,14 @@ def generate(
     rollout_cfg: RolloutConfig,
     generator: torch.Generator | None = None,
     prompt_ids: list[list[int]] | None = None,
+    with_reference: bool = False,
 ) -> Rollout:
     """Sample one completion per prompt with the policy adapter (repeat prompts for several samples each).
 
     prompt_ids: the prompts' exact token ids (e.g. a multi-turn context that must not be re-encoded); then
     `prompts` is not encoded. `generator` seeds the sampling: the same seed gives the same samples.
+    with_reference: also score the sampled tokens under the reference (Rollout.ref_logprobs) where the pefrl
+    engine runs; elsewhere it is left None.
     """
     model = models.model
     device = next(model.parameters()).device
@@ -251,9 +287,8 @@ def generate(
     P = query_ids.shape[1]
     eos_ids = _eos_ids(models, tokenizer)
     c = rollout_cfg
-    explore = EpsilonGreedy(c.epsilon, c.temperature, c.top_k, c.top_p) if c.epsilon > 0 else None
-    recorder = explore.policy if explore else RecordPolicy(c.temperature)
-    stopping = [StopOnStrings(tokenizer, rollout_cfg.stop, P)] if rollout_cfg.stop else []
+    stopping = StopOnStrings(tokenizer, rollout_cfg.stop, P) if rollout_cfg.stop else None
+    lean = use_pefrl_engine(models, c)
     seed = _seed_from(generator)
     was_training = model.training
     model.eval()
@@ -262,16 +297,15 @@ def generate(
                                                                  enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = model.generate(
-                input_ids=query_ids,
-                attention_mask=query_mask,
-                generation_config=_generation_config(rollout_cfg, tokenizer, eos_ids),
-                logits_processor=LogitsProcessorList([explore or recorder]),
-                stopping_criteria=stopping or None,
-            )
+            if lean:
+                out = decode.sample(models, query_ids, query_mask, c, eos_ids, tokenizer.pad_token_id, stopping,
+                                    with_reference)
+                sampled = out.tokens
+            else:
+                sampled, recorder, explore = _hf_generate(models, query_ids, query_mask, c, tokenizer, eos_ids,
+                                                          stopping)
     finally:
         model.train(was_training)
-    sampled = out.sequences[:, P:]  # (B, T0)
     # 2. cut each response at its end: first EOS (kept) or the token completing a stop string (kept)
     lengths, completions = [], []
     for row in sampled.tolist():
@@ -282,6 +316,11 @@ def generate(
     positions = torch.arange(T, device=device)
     response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).float()  # (B, T)
     response_ids = sampled[:, :T].masked_fill(response_mask == 0, tokenizer.pad_token_id)  # (B, T)
+    if lean:
+        # (B, T), 0 past the end (where, not *: a filtered pad token's mixture logprob is -inf)
+        zero = lambda x: None if x is None else torch.where(response_mask > 0, x[:, :T], 0.0)  # noqa: E731
+        return Rollout(query_ids, query_mask, response_ids, response_mask, completions,
+                       zero(out.behaviour_logprobs), zero(out.logprobs), zero(out.entropy), zero(out.ref_logprobs))
     logprobs, entropy = recorder.stacked(sampled, response_mask)  # (B, T) each
     behaviour = explore.stacked(sampled, response_mask)[0] if explore is not None else None
     return Rollout(query_ids, query_mask, response_ids, response_mask, completions, behaviour, logprobs, entropy)

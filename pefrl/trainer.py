@@ -147,7 +147,7 @@ def train(
 
             # 2. generate with the policy adapter (env.name: whole episodes, the environment answering each turn)
             with timer("generate"):
-                texts, rollout, columns = _play(models, tokenizer, my_rows, cfg, cfg.rollout)
+                texts, rollout, columns = _play(models, tokenizer, my_rows, cfg, cfg.rollout, with_reference=True)
 
             # 3. score: reward functions see the raw prompt text and every other column (episodes: env_reward)
             with timer("score"):
@@ -222,15 +222,17 @@ def _step_record(run: Run, step: int, batch: RolloutBatch, entropy: torch.Tensor
     }
 
 
-def _play(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, rollout_cfg) -> tuple[list[str], Rollout, dict]:
+def _play(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, rollout_cfg,
+          with_reference: bool = False) -> tuple[list[str], Rollout, dict]:
     """Completions for `rows`: prompts through the chat template, or whole episodes when env.name is set.
+    with_reference: let the sampler score the reference too, where it can (rollout.generate).
     -> (raw prompt texts, rollout, extra columns for the reward functions)."""
     if cfg.env.name:
         return play_rows(models, tokenizer, rows, rollout_cfg, cfg.env)
     texts = [row[cfg.data.prompt_field] for row in rows]
     prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != cfg.data.prompt_field}
-    return texts, generate(models, tokenizer, prompts, rollout_cfg), columns
+    return texts, generate(models, tokenizer, prompts, rollout_cfg, with_reference=with_reference), columns
 
 
 def _eval_rows(cfg: Config) -> list[dict[str, Any]]:
@@ -247,11 +249,13 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
 
     The old logprobs and entropy come from generation (`Rollout.logprobs`, recorded while sampling), so the
     policy runs a forward here only where something else needs it: the shared critic's values, or a rollout
-    that recorded nothing (multi-turn episodes)."""
+    that recorded nothing (multi-turn episodes). Likewise the reference forward runs only where the sampler did
+    not score the reference itself (`Rollout.ref_logprobs`, the pefrl engine)."""
     temperature, T = cfg.rollout.temperature, rollout.response_ids.shape[1]
     old, ref, values, entropy = [], [], [], []
     shared, chunk = models.critic == "shared", cfg.model.logits_chunk_size
     policy_pass = rollout.logprobs is None or (uses_critic and shared)
+    reference_pass = rollout.ref_logprobs is None
     pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (b, t) -> (b, T)
     for idx in torch.arange(len(rollout.response_ids)).split(cfg.rl.micro_batch_size):
         ids, mask, P = _micro_inputs(rollout, idx)
@@ -260,7 +264,8 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
                                         chunk_size=chunk)
             old.append(pad(lp))
             entropy.append(pad(ent))
-        ref.append(pad(reference_logprobs(models, ids, mask, P, temperature, chunk_size=chunk)))
+        if reference_pass:
+            ref.append(pad(reference_logprobs(models, ids, mask, P, temperature, chunk_size=chunk)))
         if uses_critic:
             values.append(pad(v if shared else critic_values(models, ids, mask, P)))
     response_mask = rollout.response_mask
@@ -274,7 +279,7 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
         response_mask=response_mask,
         logprobs=logprobs * response_mask,
         policy_logprobs=policy_logprobs,
-        ref_logprobs=torch.cat(ref) * response_mask,
+        ref_logprobs=(torch.cat(ref) if reference_pass else rollout.ref_logprobs) * response_mask,
         scores=scores,
         values=torch.cat(values) * response_mask if uses_critic else None,
         num_samples=cfg.rollout.num_samples,
@@ -298,9 +303,7 @@ def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rol
                 ids, mask, P = _micro_inputs(rollout, micro_idx)
                 T = ids.shape[1] - P
                 mb = {k: v[micro_idx, :T] for k, v in tensors.items()}  # (b, T) trimmed like the inputs
-                new_logprobs, entropy, new_values = _grad_forward(models, ids, mask, P, cfg, algo.uses_critic)
-                loss, stats = algo.loss(mb, new_logprobs, new_values, entropy, cfg.rl, kl_coef, cfg.max_policy_tokens)
-                (loss * len(micro_idx) / len(mb_idx)).backward()
+                stats = _backward(models, algo, mb, (ids, mask, P), cfg, kl_coef, len(micro_idx) / len(mb_idx))
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * len(micro_idx) / len(mb_idx)
             count += 1
@@ -322,15 +325,31 @@ def _micro_inputs(rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, to
     return ids, attention[:, left : P + T], P - left
 
 
-def _grad_forward(models, input_ids, attention_mask, P, cfg, uses_critic):
-    """Policy logprobs and entropy (and values) with grad, for one micro-batch."""
+def _backward(models: Models, algo: Algorithm, mb: dict[str, torch.Tensor], inputs: tuple, cfg: Config,
+              kl_coef: float, scale: float) -> dict[str, Any]:
+    """Forward, loss and backward (loss * scale) of one micro-batch -> its stats.
+
+    With a critic adapter the critic runs and backpropagates first, and its graph is freed before the policy's
+    forward: the policy and value terms touch disjoint parameters and the advantages are fixed, so two backward
+    passes give the gradients of one at about half the activation memory. The critic pass sees the old logprobs
+    (and zero entropy) as detached stand-ins, so no gradient reaches the policy; the policy pass sees the values
+    detached. Its stats are the run's: every input has its true value there.
+    """
+    ids, mask, P = inputs
+    loss_args = (cfg.rl, kl_coef, cfg.max_policy_tokens)
     shared = models.critic == "shared"
-    logprobs, entropy, values = policy_forward(models, input_ids, attention_mask, P, cfg.rollout.temperature,
-                                               with_values=uses_critic and shared,
-                                               chunk_size=cfg.model.logits_chunk_size)
-    if uses_critic and not shared:
-        values = critic_values(models, input_ids, attention_mask, P)
-    return logprobs, entropy, values
+    values = None
+    if algo.uses_critic and not shared:
+        values = critic_values(models, ids, mask, P)  # (b, T)
+        loss, _ = algo.loss(mb, mb["logprobs"], values, torch.zeros_like(values), *loss_args)
+        (loss * scale).backward()
+        values = values.detach()
+    logprobs, entropy, shared_values = policy_forward(models, ids, mask, P, cfg.rollout.temperature,
+                                                      with_values=algo.uses_critic and shared,
+                                                      chunk_size=cfg.model.logits_chunk_size)
+    loss, stats = algo.loss(mb, logprobs, values if values is not None else shared_values, entropy, *loss_args)
+    (loss * scale).backward()
+    return stats
 
 
 def _optimizer_step(run: Run) -> bool:

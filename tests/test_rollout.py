@@ -13,6 +13,7 @@ from test_models import model_dirs  # noqa: F401  (module-scoped fixture: tiny m
 
 torch.set_num_threads(1)
 PROMPTS = ["1+2=", "33+44+5=", "the answer is"]  # different lengths: left padding differs per row
+ENGINES = ["pefrl", "transformers"]  # rollout.engine: pefrl's lean decoder (Llama/Qwen2) and HF generate
 
 
 def _setup(model_dir):
@@ -37,7 +38,7 @@ def test_policy_logprobs_match_the_scores_generate_sampled_from(model_dirs, arch
         return captured["out"]
 
     monkeypatch.setattr(models.model, "generate", generate_with_logits)
-    cfg = RolloutConfig(max_new_tokens=6, temperature=0.7, top_k=20)
+    cfg = RolloutConfig(max_new_tokens=6, temperature=0.7, top_k=20, engine="transformers")
     rollout = generate(models, tok, PROMPTS, cfg, torch.Generator().manual_seed(0))
     P, T = rollout.query_ids.shape[1], rollout.response_ids.shape[1]
     assert rollout.query_mask[0, 0] == 0 and rollout.input_ids.shape == (3, P + T)
@@ -50,10 +51,11 @@ def test_policy_logprobs_match_the_scores_generate_sampled_from(model_dirs, arch
     assert rollout.behaviour_logprobs is None
 
 
-def test_seeded_generation_repeats_and_restores_state(model_dirs):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_seeded_generation_repeats_and_restores_state(model_dirs, engine):
     models, tok = _setup(model_dirs["llama"])
     models.model.train()
-    cfg = RolloutConfig(max_new_tokens=8)
+    cfg = RolloutConfig(max_new_tokens=8, engine=engine)
     a = generate(models, tok, PROMPTS, cfg, torch.Generator().manual_seed(3))
     b = generate(models, tok, PROMPTS, cfg, torch.Generator().manual_seed(3))
     c = generate(models, tok, PROMPTS, cfg, torch.Generator().manual_seed(4))
@@ -77,9 +79,10 @@ def test_response_length_eos_and_stop_strings():
     assert _response_length(tok, ids[:2] + [eos] + ids[2:], [eos], ["="]) == (3, "12")  # EOS came first
 
 
-def test_generate_masks_after_eos_and_stop_string(model_dirs):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generate_masks_after_eos_and_stop_string(model_dirs, engine):
     models, tok = _setup(model_dirs["qwen2"])
-    greedy = RolloutConfig(max_new_tokens=8, top_k=1)  # top-k 1: deterministic
+    greedy = RolloutConfig(max_new_tokens=8, top_k=1, engine=engine)  # top-k 1: deterministic
     free = generate(models, tok, PROMPTS, greedy)
     row = free.response_ids[0].tolist()
     # Make the token at index k of row 0 the EOS (then a stop string): the same greedy run must stop there.
@@ -101,10 +104,11 @@ def test_generate_masks_after_eos_and_stop_string(model_dirs):
     assert cut.response_mask[0].sum() == k + 1
 
 
-def test_epsilon_greedy_behaviour_logprobs(model_dirs):
-    models, tok = _setup(model_dirs["gpt2"])
+@pytest.mark.parametrize("arch, engine", [("gpt2", "transformers"), ("llama", "pefrl")])
+def test_epsilon_greedy_behaviour_logprobs(model_dirs, arch, engine):
+    models, tok = _setup(model_dirs[arch])
     eps, k = 0.5, 5
-    cfg = RolloutConfig(max_new_tokens=6, temperature=0.8, top_k=k, epsilon=eps)
+    cfg = RolloutConfig(max_new_tokens=6, temperature=0.8, top_k=k, epsilon=eps, engine=engine)
     rollout = generate(models, tok, PROMPTS, cfg, torch.Generator().manual_seed(0))
     m = rollout.response_mask.bool()
     behaviour = rollout.behaviour_logprobs
@@ -127,8 +131,9 @@ def test_epsilon_greedy_behaviour_logprobs(model_dirs):
     assert (wide.behaviour_logprobs[wide.response_mask.bool()] >= math.log(eps / len(tok))).all()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("epsilon, temperature", [(0.0, 1.0), (0.0, 0.7), (0.2, 0.8)])
-def test_recorded_logprobs_and_entropy_equal_a_full_forward(model_dirs, epsilon, temperature):
+def test_recorded_logprobs_and_entropy_equal_a_full_forward(model_dirs, epsilon, temperature, engine):
     """The trainer skips the old-logprob forward and uses these: they must be what policy_forward computes."""
     model_cfg = ModelConfig(name_or_path=model_dirs["llama"])
     tok, models = load_tokenizer(model_cfg), load_models(model_cfg, LoraConfig(), False)
@@ -136,7 +141,8 @@ def test_recorded_logprobs_and_entropy_equal_a_full_forward(model_dirs, epsilon,
         for n, p in models.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.05)  # a policy that differs from the base
-    cfg = RolloutConfig(max_new_tokens=6, temperature=temperature, epsilon=epsilon, top_k=20 if epsilon else 0)
+    cfg = RolloutConfig(max_new_tokens=6, temperature=temperature, epsilon=epsilon, top_k=20 if epsilon else 0,
+                        engine=engine)
     r = generate(models, tok, ["12+34=", "7+8=", "the quick"] * 2, cfg, torch.Generator().manual_seed(0))
     with torch.no_grad():
         lp, ent, _ = policy_forward(models, r.input_ids, r.attention_mask, r.query_ids.shape[1], temperature)

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pefrl.config import load_config
-from pefrl.models import reference_logprobs, resolve_model_path
-from pefrl.trainer import setup, train
+from pefrl.models import critic_values, policy_forward, reference_logprobs, resolve_model_path
+from pefrl.trainer import _backward, setup, train
 
 REQUIRED = ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "step_time_s", "gen_tokens_per_s")
 
@@ -81,3 +81,38 @@ def test_online_prompt_source_trains_until_it_ends(tmp_path):
     summary = train(cfg, prompt_source=arriving())
     assert summary["steps"] == 2 and len(seen) == 20
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_separate_critic_backward_gives_the_joint_gradients(tmp_path, algo):
+    """trainer._backward backpropagates the critic adapter's loss before the policy's forward (half the
+    activation memory); the gradients must equal those of one backward of the summed loss."""
+    torch.set_num_threads(1)
+    cfg = load_config(f"recipes/configs/arithmetic_{algo}.yaml", [f"output_dir={tmp_path}", "rl.entropy_coef=0.1"])
+    run = setup(cfg)
+    models, params = run.models, run.params
+    with torch.no_grad():
+        for n, p in models.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 40, (4, 9), generator=g)
+    mask, P = torch.ones_like(ids), 4
+    T = ids.shape[1] - P
+    mb = {"response_mask": torch.ones(4, T), "logprobs": -torch.rand(4, T, generator=g) * 3,
+          "ref_logprobs": -torch.rand(4, T, generator=g) * 3, "advantages": torch.randn(4, T, generator=g),
+          "returns": torch.randn(4, T, generator=g), "values": torch.randn(4, T, generator=g)}
+
+    logprobs, entropy, _ = policy_forward(models, ids, mask, P, cfg.rollout.temperature)
+    values = critic_values(models, ids, mask, P)
+    loss, joint_stats = run.algo.loss(mb, logprobs, values, entropy, cfg.rl, 0.05, cfg.max_policy_tokens)
+    (loss * 0.5).backward()
+    joint = [p.grad.clone() for p in params]
+    run.optimizer.zero_grad(set_to_none=True)
+
+    stats = _backward(models, run.algo, mb, (ids, mask, P), cfg, 0.05, 0.5)
+    for p, expected in zip(params, joint):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
+    assert all(g.abs().sum() > 0 for g in joint[:1]) and any(p.grad.abs().sum() > 0 for p in models.value_head.parameters())
+    for k, v in joint_stats.items():
+        torch.testing.assert_close(torch.as_tensor(stats[k]), torch.as_tensor(v), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,231 @@
+"""A lean KV-cache sampler for Llama-family bases with LoRA adapters, scoring the reference in the same pass.
+
+Why not transformers' `generate`: on the small batches of RL rollouts a decode step is bound by Python overhead
+per module call and by reading the weights, not by FLOPs. `generate` runs every token through peft's wrappers,
+the HF module tree and generic cache and mask machinery; here one plain function per decoder layer reads the
+same tensors directly (base weight, LoRA A and B, scaling: nothing copied or merged, so it always samples from
+the adapters as they are now) into a preallocated KV cache.
+
+Why the reference rides along: the KL penalty needs log pi_ref of every sampled token, which costs a full
+forward of the base after generation. Here each decode step runs 2B rows instead: rows 0..B-1 with the policy
+adapter, rows B..2B-1 with adapters off (or the frozen reference adapter), fed the tokens the policy rows
+sampled. Weight reads are shared by all rows, so on a decode-bound step the reference costs a fraction of a
+separate forward (docs/benchmarks.md has the measurement).
+
+Supported: model_type llama, mistral and qwen2 (the same layer up to q/k/v biases), unquantized weights, LoRA
+(no DoRA) on the attention and MLP projections. `unsupported_reason` says why anything else is not; the
+rollout then uses transformers' generate. Every result is checked against the HF forward in
+tests/test_decode.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+
+from pefrl.config import RolloutConfig
+from pefrl.models import POLICY, LogitsHead, Models
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+Groups = list[tuple[slice, str | None]]
+"""Rows of the batch and the adapter each runs with (None: adapters off, i.e. the base)."""
+
+
+def unsupported_reason(models: Models) -> str | None:
+    """Why the lean sampler cannot run these models (None: it can)."""
+    lm = models.model.get_base_model()
+    cfg = lm.config
+    if cfg.model_type not in SUPPORTED_TYPES:
+        return f"model_type {cfg.model_type!r} (supported: {', '.join(SUPPORTED_TYPES)})"
+    if getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False):
+        return "quantized base"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp != 1"
+    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "sliding_window", None):
+        # sequences here are far shorter than any real window, but the HF mask would differ past it
+        return "sliding-window attention"
+    for layer in lm.model.layers:
+        for path in _PROJECTIONS:
+            module = layer.get_submodule(path)
+            base = getattr(module, "base_layer", module)
+            if type(base) is not nn.Linear:
+                return f"{path} is {type(base).__name__}, not a plain nn.Linear"
+            if any(getattr(module, "use_dora", {}).values()) or getattr(module, "merged_adapters", []):
+                return f"{path}: DoRA or merged adapters"
+    wrapped = {name for name, m in lm.named_modules() if hasattr(m, "lora_A")}
+    expected = {f"model.layers.{i}.{p}" for i in range(len(lm.model.layers)) for p in _PROJECTIONS}
+    if wrapped - expected:
+        return f"LoRA on modules the sampler does not route: {sorted(wrapped - expected)[:3]}"
+    return None
+
+
+def _linear(module: nn.Module, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """y = x W^T + b, plus scaling * (x A^T) B^T on each group's rows with that group's adapter."""
+    base = getattr(module, "base_layer", module)
+    y = F.linear(x, base.weight, base.bias)
+    for rows, name in groups:
+        if name is not None and name in getattr(module, "lora_A", {}):
+            A, B = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
+            y[rows] += module.scaling[name] * F.linear(F.linear(x[rows], A), B)
+    return y
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (Su et al. 2021), in the rotate-half layout HF Llama checkpoints use."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class _Cache:
+    keys: list[torch.Tensor]
+    """Per layer (R, n_kv_heads, S, D), S = prompt + max_new_tokens positions."""
+    values: list[torch.Tensor]
+    key_mask: torch.Tensor
+    """(R, S) bool: positions a query may attend to (prompt tokens, then every generated position)."""
+
+
+def _layer(layer: nn.Module, h: torch.Tensor, cos, sin, cache: _Cache, i: int, start: int,
+           mask: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """One decoder layer on h (R, L, H) at buffer positions start..start+L-1; writes its keys/values."""
+    attn, mlp = layer.self_attn, layer.mlp
+    R, L, _ = h.shape
+    D = attn.head_dim
+    x = layer.input_layernorm(h)
+    q = _linear(attn.q_proj, x, groups).view(R, L, -1, D).transpose(1, 2)  # (R, heads, L, D)
+    k = _linear(attn.k_proj, x, groups).view(R, L, -1, D).transpose(1, 2)  # (R, kv_heads, L, D)
+    v = _linear(attn.v_proj, x, groups).view(R, L, -1, D).transpose(1, 2)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    cache.keys[i][:, :, start : start + L] = k
+    cache.values[i][:, :, start : start + L] = v
+    keys, values = cache.keys[i][:, :, : start + L], cache.values[i][:, :, : start + L]  # (R, kv_heads, S', D)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                         enable_gqa=q.shape[1] != k.shape[1])  # (R, heads, L, D)
+    h = h + _linear(attn.o_proj, out.transpose(1, 2).reshape(R, L, -1), groups)
+    x = layer.post_attention_layernorm(h)
+    gate = mlp.act_fn(_linear(mlp.gate_proj, x, groups))
+    return h + _linear(mlp.down_proj, gate * _linear(mlp.up_proj, x, groups), groups)
+
+
+def _forward(lm: nn.Module, head: LogitsHead, ids: torch.Tensor, positions: torch.Tensor, cache: _Cache,
+             start: int, groups: Groups) -> torch.Tensor:
+    """Logits (R, V) of the last of the L new tokens ids (R, L) placed at buffer positions start..start+L-1."""
+    L = ids.shape[1]
+    h = lm.model.embed_tokens(ids)  # (R, L, H)
+    cos, sin = lm.model.rotary_emb(h, positions)  # (R, L, D) each
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    end = start + L
+    query_pos = torch.arange(start, end, device=ids.device)  # (L,)
+    key_pos = torch.arange(end, device=ids.device)  # (S',)
+    causal = key_pos[None, :] <= query_pos[:, None]  # (L, S')
+    mask = cache.key_mask[:, None, None, :end] & causal  # (R, 1, L, S')
+    # a left-padding query sees no valid key; letting it see itself keeps softmax finite (its output is unused)
+    mask = mask | (key_pos[None, :] == query_pos[:, None])
+    for i, layer in enumerate(lm.model.layers):
+        h = _layer(layer, h, cos, sin, cache, i, start, mask, groups)
+    return head(lm.model.norm(h[:, -1]))  # (R, V)
+
+
+def _new_cache(lm: nn.Module, rows: int, size: int, like: torch.Tensor) -> _Cache:
+    attn = lm.model.layers[0].self_attn
+    kv_width = getattr(attn.k_proj, "base_layer", attn.k_proj).out_features  # kv_heads * head_dim
+    shape = (rows, kv_width // attn.head_dim, size, attn.head_dim)
+    n = len(lm.model.layers)
+    return _Cache([like.new_zeros(shape) for _ in range(n)], [like.new_zeros(shape) for _ in range(n)],
+                  torch.zeros(rows, size, dtype=torch.bool, device=like.device))
+
+
+@dataclass
+class Sampled:
+    """What one call of `sample` returns: every tensor (B, T0), T0 <= max_new_tokens steps."""
+
+    tokens: torch.Tensor
+    """Sampled tokens; the pad token once a row has finished."""
+    logprobs: torch.Tensor
+    """log softmax(logits / temperature) of each token under the policy (untruncated)."""
+    entropy: torch.Tensor
+    """Entropy of that tempered policy at each step."""
+    behaviour_logprobs: torch.Tensor | None
+    """Logprob under the epsilon-greedy mixture that sampled (None without epsilon)."""
+    ref_logprobs: torch.Tensor | None
+    """Logprob of each token under the reference (None unless asked)."""
+
+
+def _choose(z: torch.Tensor, cfg: RolloutConfig, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample from softmax(z) (z: tempered logits (B, V)) filtered by top-k/top-p, with epsilon exploration.
+    -> (tokens (B,), logprobs of them under the epsilon mixture or None). Same semantics as transformers'
+    warpers (they are reused) and as rollout.EpsilonGreedy."""
+    warpers = [TopKLogitsWarper(cfg.top_k)] if cfg.top_k > 0 else []
+    warpers += [TopPLogitsWarper(cfg.top_p)] if cfg.top_p < 1.0 else []
+    scores = LogitsProcessorList(warpers)(ids, z) if warpers else z  # (B, V), filtered tokens at -inf
+    if cfg.top_k == 1 and cfg.epsilon == 0:
+        return scores.argmax(-1), None  # greedy: sampling a one-hot distribution, without drawing
+    probs = torch.softmax(scores, dim=-1)
+    if cfg.epsilon == 0:
+        return torch.multinomial(probs, 1).squeeze(-1), None
+    allowed = torch.isfinite(scores)  # (B, V)
+    mixture = (1 - cfg.epsilon) * probs + cfg.epsilon * allowed / allowed.sum(-1, keepdim=True)
+    tokens = torch.multinomial(mixture, 1).squeeze(-1)
+    return tokens, mixture.gather(-1, tokens[:, None]).squeeze(-1).log()
+
+
+@torch.no_grad()
+def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cfg: RolloutConfig,
+           eos_ids: list[int], pad_id: int, stopping=None, with_reference: bool = False) -> Sampled:
+    """Sample up to cfg.max_new_tokens tokens per row of the left-padded prompts query_ids (B, P).
+
+    A row ends at EOS or when `stopping(ids, None)` flags it (transformers' StoppingCriteria interface); the
+    loop ends when every row has. Sampling draws from the global torch RNG, as `generate` does.
+    """
+    lm = models.model.get_base_model()
+    head = LogitsHead(lm)
+    B, P = query_ids.shape
+    groups: Groups = [(slice(0, B), POLICY)]
+    ids, mask = query_ids, query_mask
+    if with_reference:
+        groups.append((slice(B, 2 * B), models.reference))
+        ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])  # (2B, P)
+    R, N = len(ids), cfg.max_new_tokens
+    cache = _new_cache(lm, R, P + N, lm.model.embed_tokens.weight)
+    cache.key_mask[:, :P] = mask.bool()
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, P): left padding does not shift positions
+    logits = _forward(lm, head, ids, positions, cache, 0, groups)  # (R, V)
+    next_pos = positions[:, -1:] + 1  # (R, 1)
+    eos = torch.tensor(eos_ids, device=ids.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    out: dict[str, list[torch.Tensor]] = {"tokens": [], "logprobs": [], "entropy": [], "behaviour": [], "ref": []}
+    generated = query_ids
+    for t in range(N):
+        z = logits[:B].float() / cfg.temperature  # (B, V)
+        logprobs = torch.log_softmax(z, dim=-1)
+        tokens, behaviour = _choose(z, cfg, generated)
+        tokens = tokens.masked_fill(finished, pad_id)  # finished rows keep emitting pad, as generate does
+        out["tokens"].append(tokens)
+        out["logprobs"].append(logprobs.gather(-1, tokens[:, None]).squeeze(-1))
+        p = logprobs.exp()
+        out["entropy"].append(-torch.where(p > 0, p * logprobs, torch.zeros_like(p)).sum(-1))
+        if behaviour is not None:
+            out["behaviour"].append(behaviour)
+        if with_reference:
+            ref = torch.log_softmax(logits[B:].float() / cfg.temperature, dim=-1)  # (B, V)
+            out["ref"].append(ref.gather(-1, tokens[:, None]).squeeze(-1))
+        generated = torch.cat([generated, tokens[:, None]], dim=1)  # (B, P + t + 1)
+        finished |= torch.isin(tokens, eos)
+        if stopping is not None:
+            finished |= stopping(generated, None)
+        if bool(finished.all()) or t == N - 1:
+            break
+        cache.key_mask[:, P + t] = True
+        step_ids = torch.cat([tokens, tokens])[:, None] if with_reference else tokens[:, None]  # (R, 1)
+        logits = _forward(lm, head, step_ids, next_pos, cache, P + t, groups)
+        next_pos = next_pos + 1
+    stack = lambda k: torch.stack(out[k], dim=1) if out[k] else None  # noqa: E731  (B, T0)
+    return Sampled(stack("tokens"), stack("logprobs"), stack("entropy"), stack("behaviour"), stack("ref"))

@@ -1,0 +1,97 @@
+"""pefrl's lean decoder (pefrl/decode.py) against the HF forward it replaces."""
+
+import pytest
+import torch
+
+from pefrl import decode
+from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
+from pefrl.models import CRITIC, load_models, load_tokenizer, policy_forward, reference_logprobs
+from pefrl.rollout import generate
+
+from test_models import model_dirs  # noqa: F401  (module-scoped fixture: tiny models saved to tmp dirs)
+
+torch.set_num_threads(1)
+PROMPTS = ["1+2=", "33+44+5=", "the answer is", "7"]  # different lengths: left padding differs per row
+
+
+def _setup(model_dir, uses_critic=False):
+    cfg = ModelConfig(name_or_path=model_dir)
+    models = load_models(cfg, LoraConfig(r=4), uses_critic=uses_critic)
+    with torch.no_grad():  # adapters that differ from the base and from each other
+        for i, (n, p) in enumerate(models.model.named_parameters()):
+            if "lora_B" in n:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(i))
+    return models, load_tokenizer(cfg)
+
+
+def _sample(models, tok, cfg, with_reference=True):
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(0)
+    s = decode.sample(models, enc.input_ids, enc.attention_mask, cfg, eos_ids=[], pad_id=tok.pad_token_id,
+                      with_reference=with_reference)
+    ids = torch.cat([enc.input_ids, s.tokens], 1)  # (B, P + T): no EOS, so every token is real
+    mask = torch.cat([enc.attention_mask, torch.ones_like(s.tokens)], 1)
+    return s, ids, mask, enc.input_ids.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_logprobs_entropy_and_reference_equal_the_hf_forward(model_dirs, arch):
+    models, tok = _setup(model_dirs[arch])
+    assert decode.unsupported_reason(models) is None
+    s, ids, mask, P = _sample(models, tok, RolloutConfig(max_new_tokens=8, temperature=0.7))
+    assert s.tokens.shape == (len(PROMPTS), 8)
+    with torch.no_grad():
+        logprobs, entropy, _ = policy_forward(models, ids, mask, P, 0.7)
+        ref = reference_logprobs(models, ids, mask, P, 0.7)
+    torch.testing.assert_close(s.logprobs, logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.entropy, entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.ref_logprobs, ref, rtol=0, atol=1e-5)
+    assert (logprobs - ref).abs().max() > 0.05  # the two row groups really ran different weights
+
+
+def test_a_reference_adapter_is_scored_with_that_adapter(model_dirs):
+    models, tok = _setup(model_dirs["llama"], uses_critic=True)
+    models.reference = CRITIC  # any frozen adapter stands in for an SFT reference here
+    s, ids, mask, P = _sample(models, tok, RolloutConfig(max_new_tokens=6))
+    with torch.no_grad():
+        ref = reference_logprobs(models, ids, mask, P, 1.0)
+        models.reference = None
+        base = reference_logprobs(models, ids, mask, P, 1.0)
+    torch.testing.assert_close(s.ref_logprobs, ref, rtol=0, atol=1e-5)
+    assert (ref - base).abs().max() > 0.05
+
+
+def test_greedy_tokens_equal_transformers_generate(model_dirs):
+    models, tok = _setup(model_dirs["qwen2"])
+    cfg = RolloutConfig(max_new_tokens=10, top_k=1)
+    lean = generate(models, tok, PROMPTS, RolloutConfig(**{**cfg.__dict__, "engine": "pefrl"}))
+    hf = generate(models, tok, PROMPTS, RolloutConfig(**{**cfg.__dict__, "engine": "transformers"}))
+    assert torch.equal(lean.response_ids, hf.response_ids) and lean.completions == hf.completions
+    assert lean.ref_logprobs is None  # not asked for
+
+
+def test_top_k_and_top_p_only_sample_allowed_tokens(model_dirs):
+    models, tok = _setup(model_dirs["llama"])
+    for cfg in (RolloutConfig(max_new_tokens=8, top_k=3), RolloutConfig(max_new_tokens=8, top_p=0.5)):
+        s, ids, mask, P = _sample(models, tok, cfg, with_reference=False)
+        with torch.no_grad():
+            logprobs, _, _ = policy_forward(models, ids, mask, P, 1.0)
+            full = models.model(input_ids=ids, attention_mask=mask,
+                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, P - 1 : -1]  # (B, T, V)
+        probs = torch.softmax(full, -1)
+        rank = (probs > logprobs.exp()[..., None] + 1e-6).sum(-1)  # tokens strictly more likely than the sample
+        if cfg.top_k:
+            assert (rank < 3).all()
+        else:  # the mass strictly above the sampled token must be below top_p, else it was cut
+            above = (probs * (probs > logprobs.exp()[..., None] + 1e-6)).sum(-1)
+            assert (above < 0.5).all()
+        assert rank.max() > 0  # not greedy
+
+
+def test_unsupported_models_fall_back_or_fail_clearly(model_dirs):
+    models, tok = _setup(model_dirs["gpt2"])
+    assert "gpt2" in decode.unsupported_reason(models)
+    with pytest.raises(ValueError, match="rollout.engine: 'pefrl' cannot sample from this model: model_type 'gpt2'"):
+        generate(models, tok, PROMPTS, RolloutConfig(max_new_tokens=4, engine="pefrl"))
+    auto = generate(models, tok, PROMPTS, RolloutConfig(max_new_tokens=4), with_reference=True)
+    assert auto.ref_logprobs is None and auto.logprobs is not None  # transformers' generate ran
