@@ -59,20 +59,21 @@ class RankGuard:
         return False
 
 
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+REFUSED = ("DEEPSPEED", "MEGATRON_LM")
 
 
 def check_supported(accelerator) -> None:
-    """Stop under FSDP / DeepSpeed instead of silently running unsharded.
+    """Stop under DeepSpeed / Megatron-LM instead of silently running unsharded.
 
-    The trainer replicates the base on every rank and averages adapter gradients itself (DDP semantics); it
-    does not pass the model through `accelerator.prepare`, so a sharding config would shard nothing and every
-    rank would still need the whole base in memory. docs/distributed.md lists what sharded runs need.
+    The trainer does not pass the model through `accelerator.prepare`: it replicates the base (DDP semantics,
+    averaging adapter gradients itself) or, under FSDP, shards the base itself (pefrl/fsdp.py). A DeepSpeed
+    config would shard nothing, and every rank would still need the whole base in memory; docs/distributed.md
+    says what was validated of DeepSpeed and what it would need.
     """
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-    if kind in SHARDED:
+    if kind in REFUSED:
         raise NotImplementedError(
             f"accelerate distributed_type {kind} is not supported by pefrl's trainer yet: it would not shard the "
-            "base. Use recipes/accelerate/ddp.yaml (the base replicated, adapters data-parallel) and, if the base "
-            "does not fit one GPU, model.quantization=4bit; see docs/distributed.md"
+            "base. Use recipes/accelerate/fsdp.yaml (the base sharded) or ddp.yaml (the base replicated; with "
+            "model.quantization=4bit if it does not fit one GPU); see docs/distributed.md"
         )

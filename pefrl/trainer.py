@@ -36,6 +36,7 @@ from pefrl.data import PromptStream, check_prompt_lengths, context_length, forma
 from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, play_rows, seed_rows
 from pefrl.envs import eval_rows as env_eval_rows
+from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
 from pefrl.ops.advantages import masked_mean
@@ -73,11 +74,16 @@ def setup(
     """Load the base once, add adapters, build reward, data, optimizer and KL controller."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.train.trackers or None,
                               project_dir=cfg.output_dir)
-    check_supported(accelerator)  # FSDP / DeepSpeed would shard nothing here: stop, don't run unsharded
+    check_supported(accelerator)  # DeepSpeed / Megatron would shard nothing here: stop, don't run unsharded
+    sharded = fsdp_requested(accelerator)
+    if sharded:
+        check_fsdp(cfg)
     algo = get_algorithm(cfg.algo)
     torch.manual_seed(cfg.train.seed)  # identical adapter and value-head init on every rank
     tokenizer = load_tokenizer(cfg.model)
     models = load_models(cfg.model, cfg.lora, uses_critic=algo.uses_critic)
+    if sharded:  # FSDP2: the base sharded over ranks, adapters and value head replicated (pefrl/fsdp.py)
+        shard_models(models, accelerator.device)
     models.model.to(accelerator.device)
     if models.value_head is not None:
         models.value_head.to(accelerator.device)
@@ -91,6 +97,8 @@ def setup(
                                     source=cfg.data.prompts if prompt_source is None else "prompt_source")
         eval_rows = check_prompt_lengths(_eval_rows(cfg), tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
                                          source=str(cfg.data.eval_prompts))
+    if sharded:
+        eval_rows = trim_eval_rows(eval_rows, accelerator.num_processes)  # equal generate calls on every rank
     params = models.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps

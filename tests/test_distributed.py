@@ -172,55 +172,6 @@ def test_error_on_one_rank_stops_all_ranks_naming_it(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]  # the last one, intact
 
 
-FSDP2_PROBE = textwrap.dedent("""
-    import torch, torch.distributed as dist
-    torch.set_num_threads(1)
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-    from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
-    from pefrl.models import critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs
-    from pefrl.rollout import generate
-    from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
-
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    mc = ModelConfig(name_or_path=str(DEFAULT_MODEL_DIR))
-    tok, models = load_tokenizer(mc), load_models(mc, LoraConfig(r=2), uses_critic=True)
-    lm = models.model.get_base_model()
-    for layer in lm.model.layers:
-        fully_shard(layer)
-    fully_shard(lm)
-    fully_shard(models.value_head)  # a plain head next to DTensor LoRA params breaks clip_grad_norm_
-    params = models.trainable_parameters()
-    assert all(isinstance(p, DTensor) for p in params)
-    ro = generate(models, tok, ["12+30=", "9+9="], RolloutConfig(batch_size=2, max_new_tokens=4),
-                  generator=torch.Generator().manual_seed(1))
-    ids, mask, P = ro.input_ids, ro.attention_mask, ro.query_ids.shape[1]
-    logprobs, _, _ = policy_forward(models, ids, mask, P, 1.0)
-    assert torch.allclose(reference_logprobs(models, ids, mask, P, 1.0), logprobs.detach())  # LoRA B = 0
-    (-(logprobs * ro.response_mask).sum() + critic_values(models, ids, mask, P).pow(2).mean()).backward()
-    assert all(p.grad is not None for p in params)
-    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    assert torch.isfinite(norm.full_tensor())
-    torch.optim.AdamW(params, lr=1e-2).step()
-    print(f"rank {dist.get_rank()} fsdp2 ok {ro.completions}", flush=True)
-    dist.destroy_process_group()
-""")
-
-
-@pytest.mark.slow  # launches processes
-def test_fsdp2_building_blocks_work_with_pefrl_models_on_two_gloo_ranks(tmp_path):
-    """Not a pefrl feature yet (the trainer refuses FSDP): guards the probe docs/distributed.md reports."""
-    (tmp_path / "probe.py").write_text(FSDP2_PROBE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(tmp_path / "probe.py")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = sorted(l for l in res.stdout.splitlines() if "fsdp2 ok" in l)
-    assert len(lines) == 2 and lines[0].split("ok")[1] == lines[1].split("ok")[1]  # same samples on both ranks
-
-
 @pytest.mark.parametrize("name", sorted(p.name for p in ACCEL.glob("*.yaml")))
 def test_accelerate_configs_load_with_accelerates_own_loader(name):
     from accelerate.commands.config.config_args import load_config_from_file
@@ -230,23 +181,24 @@ def test_accelerate_configs_load_with_accelerates_own_loader(name):
     assert cfg.distributed_type.name == raw["distributed_type"] and cfg.num_processes == raw["num_processes"]
     if "deepspeed" in name:
         assert cfg.deepspeed_config["zero_stage"] == int(name[-6])
-    if name == "fsdp.yaml":
+    if name.startswith("fsdp"):
         assert cfg.fsdp_config["fsdp_version"] == 2
-    if name == "ddp_cpu_2ranks.yaml":
+    if name.endswith("cpu_2ranks.yaml"):
         assert cfg.num_processes == 2 and not cfg.use_cpu  # --cpu would silently run one process
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_launch_is_refused_not_run_unsharded(kind):
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
+def test_deepspeed_launch_is_refused_not_run_unsharded(kind):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     from pefrl.distributed import check_supported
 
-    with pytest.raises(NotImplementedError, match=f"{kind} is not supported.*ddp.yaml.*docs/distributed.md"):
+    with pytest.raises(NotImplementedError, match=f"{kind} is not supported.*fsdp.yaml.*docs/distributed.md"):
         check_supported(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
     check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))  # DDP: fine
+    check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP))  # sharded by pefrl (tests/test_fsdp.py)
     check_supported(SimpleNamespace(distributed_type=DistributedType.NO))
 
 

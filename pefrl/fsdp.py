@@ -1,0 +1,121 @@
+"""FSDP2: the frozen base sharded over ranks, the LoRA adapters and value head replicated and trained as in DDP.
+
+Applied by `trainer.setup` under an FSDP accelerate config (recipes/accelerate/fsdp.yaml); pefrl shards the model
+itself with torch's `fully_shard` (FSDP2) instead of going through `accelerator.prepare`:
+
+    base LM (root, fully_shard)          embeddings, final norm, lm_head: replicated (see shard_models)
+      decoder layer 0 (fully_shard)      base weights sharded: each rank keeps 1/N of every matrix
+      ...                                LoRA A/B of every adapter: replicated (ignored_params)
+      decoder layer L-1 (fully_shard)
+    value head                           replicated
+
+Why the adapters are not sharded: they are a few MB, so sharding them (and their AdamW state) saves nothing
+that matters, while replicated adapters keep everything after the forward exactly as under DDP: the trainer's
+one gradient all-reduce (`trainer._optimizer_step`), clipping on plain tensors, rank 0 saving `final/` and
+checkpoints alone, checkpoints interchangeable between DDP and FSDP runs. The memory that matters, the base, is
+sharded. A forward all-gathers one decoder layer at a time and frees it after (reshard_after_forward).
+
+Every forward is a collective under FSDP, so every rank must run the same number of them: generation runs in
+transformers' `synced_gpus` mode (a rank whose sequences are done keeps stepping until all ranks are),
+micro-batch counts are equal because batch sizes are per rank, and evaluation rows are trimmed to a multiple of
+the world size in setup. Multi-turn environments (episodes end after different numbers of turns per rank) and
+quantized bases are refused by `check_fsdp`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from pefrl.models import Models
+
+
+def fsdp_requested(accelerator) -> bool:
+    """True when launched with an FSDP accelerate config.
+
+    `accelerate launch` exports ACCELERATE_USE_FSDP=true for such a config; on CUDA the Accelerator then reports
+    distributed_type FSDP, but on CPU it reports MULTI_CPU (accelerate only turns GPU types into FSDP), so the
+    environment variable is what the two-rank CPU tests see.
+    """
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return kind == "FSDP" or (launched and accelerator.num_processes > 1)
+
+
+def check_fsdp(cfg) -> None:
+    """Config choices FSDP cannot run: raise naming the field."""
+    if cfg.model.quantization is not None:
+        raise ValueError(f"model.quantization={cfg.model.quantization} with FSDP: bitsandbytes weights cannot be "
+                         "sharded by fully_shard; use a quantized base with recipes/accelerate/ddp.yaml instead")
+    if cfg.env.name:
+        raise ValueError(f"env.name={cfg.env.name} with FSDP: episodes end after different numbers of turns on "
+                         "each rank, and every sharded forward is a collective; use ddp.yaml for environments")
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The modules to shard one by one: those whose class transformers marks as not splittable
+    (`_no_split_modules`, e.g. LlamaDecoderLayer, GPT2Block): one all-gather per layer in the forward."""
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise NotImplementedError(f"{type(lm).__name__} names no decoder layer class (_no_split_modules={names}); "
+                                  "pefrl cannot choose FSDP units for it")
+    return layers
+
+
+def adapter_parameters(models: Models) -> set[nn.Parameter]:
+    """Every LoRA parameter (trained or frozen adapters) and the value head: what stays replicated."""
+    lora = {p for n, p in models.model.named_parameters() if "lora_" in n}
+    return lora | (set(models.value_head.parameters()) if models.value_head is not None else set())
+
+
+def shard_models(models: Models, device: torch.device, reshard_after_forward: bool = True) -> None:
+    """Shard the base over all ranks with FSDP2 (collective: every rank calls it, in setup, before training).
+
+    - each decoder layer is one FSDP unit: its base weights are sharded, its LoRA weights ignored (replicated);
+    - the LM itself is the root unit, with its own weights (embeddings, final norm, lm_head) replicated too:
+      pefrl calls the trunk and lm_head directly (models._response_hidden, LogitsHead), outside the root's
+      forward, so the root's parameters must be usable without its all-gather hooks. They are ~2 * vocab *
+      hidden values; the decoder layers, the bulk of any large model, are sharded.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    lm = models.model.get_base_model()  # the HF causal LM, LoRA layers injected in place
+    replicated = adapter_parameters(models)
+    layers = decoder_layers(lm)
+    in_layers: set[nn.Parameter] = set()
+    for layer in layers:
+        own = set(layer.parameters())
+        in_layers |= own
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=own & replicated)
+    root_own = {p for p in lm.parameters() if p not in in_layers}
+    fully_shard(lm, mesh=mesh, ignored_params=root_own | replicated)
+    lm._is_fsdp_managed_module = True  # transformers' generate then runs synced_gpus: no rank stops stepping early
+    for p in replicated | root_own:
+        p.data = p.data.to(device)
+    _run_root_first(lm, device)
+
+
+@torch.no_grad()
+def _run_root_first(lm: nn.Module, device: torch.device) -> None:
+    # FSDP2 makes the first unit whose forward runs the root. pefrl's first forward may be a direct trunk call
+    # (e.g. evaluation is off and a policy forward comes first in a custom loop), which would make a decoder
+    # layer the root and the LM's own forward fail later: one token through the LM fixes the root now.
+    lm(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+
+
+def sharded_numel(param: torch.Tensor) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole tensor): equal for a replicated parameter."""
+    local = param.to_local() if hasattr(param, "to_local") else param
+    return local.numel(), param.numel()
+
+
+def trim_eval_rows(rows: list, world: int) -> list:
+    """Evaluation rows cut to a multiple of `world`: trainer.evaluate gives rank r the rows r::world, and under
+    FSDP every rank must run the same number of generate calls (each forward is a collective)."""
+    return rows[: len(rows) - len(rows) % world]
