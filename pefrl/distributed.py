@@ -15,6 +15,7 @@ torchrun / `accelerate launch` stops all workers when one exits non-zero.
 
 from __future__ import annotations
 
+import os
 from types import TracebackType
 
 import torch
@@ -71,6 +72,8 @@ def check_supported(accelerator) -> None:
     says what was validated of DeepSpeed and what it would need.
     """
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    # On CPU accelerate reports MULTI_CPU even under a DeepSpeed config; the launcher's variable still says it
+    kind = next((k for k in REFUSED if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"), kind)
     if kind in REFUSED:
         raise NotImplementedError(
             f"accelerate distributed_type {kind} is not supported by pefrl's trainer yet: it would not shard the "

@@ -44,8 +44,20 @@ def fsdp_requested(accelerator) -> bool:
     return kind == "FSDP" or (launched and accelerator.num_processes > 1)
 
 
+UNHONOURED = {
+    "FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
+    "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_cpu_ram_efficient_loading",
+}
+"""accelerate FSDP settings (launcher variable: yaml key) that pefrl's sharding does not implement."""
+
+
 def check_fsdp(cfg) -> None:
-    """Config choices FSDP cannot run: raise naming the field."""
+    """Config choices FSDP cannot run, in the pefrl config or the accelerate FSDP config: raise naming them."""
+    for var, key in UNHONOURED.items():
+        if os.environ.get(var, "false").lower() == "true":
+            raise ValueError(f"fsdp_config.{key}: true is not implemented by pefrl's FSDP2 sharding (pefrl/fsdp.py): "
+                             "set it to false (for activation checkpointing use model.gradient_checkpointing)")
     if cfg.model.quantization is not None:
         raise ValueError(f"model.quantization={cfg.model.quantization} with FSDP: bitsandbytes weights cannot be "
                          "sharded by fully_shard; use a quantized base with recipes/accelerate/ddp.yaml instead")
@@ -71,8 +83,11 @@ def adapter_parameters(models: Models) -> set[nn.Parameter]:
     return lora | (set(models.value_head.parameters()) if models.value_head is not None else set())
 
 
-def shard_models(models: Models, device: torch.device, reshard_after_forward: bool = True) -> None:
+def shard_models(models: Models, device: torch.device, reshard_after_forward: bool | None = None) -> None:
     """Shard the base over all ranks with FSDP2 (collective: every rank calls it, in setup, before training).
+
+    reshard_after_forward: free each layer's gathered weights after its forward (None: the accelerate config's
+    fsdp_reshard_after_forward, default true); false keeps them gathered until the backward (faster, more memory).
 
     - each decoder layer is one FSDP unit: its base weights are sharded, its LoRA weights ignored (replicated);
     - the LM itself is the root unit, with its own weights (embeddings, final norm, lm_head) replicated too:
@@ -83,6 +98,8 @@ def shard_models(models: Models, device: torch.device, reshard_after_forward: bo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if reshard_after_forward is None:
+        reshard_after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
     world = torch.distributed.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     lm = models.model.get_base_model()  # the HF causal LM, LoRA layers injected in place

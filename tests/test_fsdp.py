@@ -38,10 +38,16 @@ def test_fsdp_requested_reads_the_distributed_type_or_the_launchers_variable(mon
     assert not fsdp_requested(acc("NO", 1))  # one process: nothing to shard over
 
 
-def test_check_fsdp_refuses_quantized_bases_and_environments():
+def test_check_fsdp_refuses_quantized_bases_environments_and_unimplemented_settings(monkeypatch):
     cfg = lambda quant=None, env=None: SimpleNamespace(model=SimpleNamespace(quantization=quant),
                                                        env=SimpleNamespace(name=env))
+    for var in ("FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        monkeypatch.setenv(var, "false")  # what `accelerate launch` exports for fsdp_cpu_2ranks.yaml
     check_fsdp(cfg())
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ValueError, match="fsdp_config.fsdp_offload_params: true is not implemented"):
+        check_fsdp(cfg())
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
     with pytest.raises(ValueError, match="model.quantization=4bit with FSDP.*ddp.yaml"):
         check_fsdp(cfg(quant="4bit"))
     with pytest.raises(ValueError, match="env.name=pkg:Env with FSDP.*different numbers of turns"):
