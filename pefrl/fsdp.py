@@ -18,8 +18,8 @@ sharded. A forward all-gathers one decoder layer at a time and frees it after (r
 Every forward is a collective under FSDP, so every rank must run the same number of them: generation runs in
 transformers' `synced_gpus` mode (a rank whose sequences are done keeps stepping until all ranks are),
 micro-batch counts are equal because batch sizes are per rank, and evaluation rows are trimmed to a multiple of
-the world size in setup. Multi-turn environments (episodes end after different numbers of turns per rank) and
-quantized bases are refused by `check_fsdp`.
+the world size in setup. Multi-turn environments (episodes end after different numbers of turns per rank),
+quantized bases and TRPO (double backward through a retained graph) are refused by `check_fsdp`.
 """
 
 from __future__ import annotations
@@ -64,6 +64,13 @@ def check_fsdp(cfg) -> None:
     if cfg.env.name:
         raise ValueError(f"env.name={cfg.env.name} with FSDP: episodes end after different numbers of turns on "
                          "each rank, and every sharded forward is a collective; use ddp.yaml for environments")
+    from pefrl.algorithms import get_algorithm
+
+    if get_algorithm(cfg.algo).update is not None:
+        # TRPO's Fisher-vector products backpropagate again through a retained graph, whose gathered weights
+        # FSDP frees after the first backward ("setStorage ... out of bounds for storage of size 0")
+        raise ValueError(f"algo={cfg.algo} with FSDP: its own update loop (double backward through a retained "
+                         "graph) does not run on a sharded base; use ddp.yaml")
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:

@@ -38,9 +38,9 @@ def test_fsdp_requested_reads_the_distributed_type_or_the_launchers_variable(mon
     assert not fsdp_requested(acc("NO", 1))  # one process: nothing to shard over
 
 
-def test_check_fsdp_refuses_quantized_bases_environments_and_unimplemented_settings(monkeypatch):
-    cfg = lambda quant=None, env=None: SimpleNamespace(model=SimpleNamespace(quantization=quant),
-                                                       env=SimpleNamespace(name=env))
+def test_check_fsdp_refuses_quantized_bases_environments_trpo_and_unimplemented_settings(monkeypatch):
+    cfg = lambda quant=None, env=None, algo="ppo": SimpleNamespace(model=SimpleNamespace(quantization=quant),
+                                                                   env=SimpleNamespace(name=env), algo=algo)
     for var in ("FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
         monkeypatch.setenv(var, "false")  # what `accelerate launch` exports for fsdp_cpu_2ranks.yaml
     check_fsdp(cfg())
@@ -52,6 +52,9 @@ def test_check_fsdp_refuses_quantized_bases_environments_and_unimplemented_setti
         check_fsdp(cfg(quant="4bit"))
     with pytest.raises(ValueError, match="env.name=pkg:Env with FSDP.*different numbers of turns"):
         check_fsdp(cfg(env="pkg:Env"))
+    with pytest.raises(ValueError, match="algo=trpo with FSDP: its own update loop"):
+        check_fsdp(cfg(algo="trpo"))
+    check_fsdp(cfg(algo="grpo"))
 
 
 def test_trim_eval_rows_gives_every_rank_the_same_count():
