@@ -142,7 +142,7 @@ def train(
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(run.start_step, cfg.train.steps):
         timer = Timer()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
 
         with RankGuard(accelerator, step):  # an error in stages 1-3 on any rank stops every rank, naming it
             # 1. prompts: this rank's slice of the global batch, each prompt repeated k times (rows k*i..k*i+k-1)
@@ -182,7 +182,7 @@ def train(
         kl_ctl.update(record["kl"], cfg.rollout.num_sequences * world)  # adaptive controller (Ziegler et al. 2019)
         if eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             record["eval_reward_mean"] = evaluate(models, tokenizer, eval_rows, cfg, scorer, accelerator)
-        record.update(_timing(timer, t0, batch.response_mask, accelerator))
+        record.update(_timing(timer, t0, cpu0, batch.response_mask, accelerator))
         writer.write(record)
         if cfg.train.trackers:
             accelerator.log(record, step=step)
@@ -354,7 +354,8 @@ def _backward(models: Models, algo: Algorithm, mb: dict[str, torch.Tensor], inpu
         values = values.detach()
     logprobs, entropy, shared_values = policy_forward(models, ids, mask, P, cfg.rollout.temperature,
                                                       with_values=algo.uses_critic and shared,
-                                                      chunk_size=cfg.model.logits_chunk_size)
+                                                      chunk_size=cfg.model.logits_chunk_size,
+                                                      entropy_grad=cfg.rl.entropy_coef > 0)
     loss, stats = algo.loss(mb, logprobs, values if values is not None else shared_values, entropy, *loss_args)
     (loss * scale).backward()
     return stats
@@ -381,12 +382,16 @@ def _optimizer_step(run: Run) -> bool:
     return True
 
 
-def _timing(timer: Timer, t0: float, response_mask: torch.Tensor, accelerator: Accelerator) -> dict[str, float]:
+def _timing(timer: Timer, t0: float, cpu0: float, response_mask: torch.Tensor,
+            accelerator: Accelerator) -> dict[str, float]:
     step_time = time.perf_counter() - t0
     tokens = accelerator.reduce(response_mask.sum(), "sum").item()
     gen = timer.times.get("generate", 0.0)
     return {
         "step_time_s": step_time,
+        # CPU seconds of this process (all its threads): on a shared machine, unlike wall time, barely moved by
+        # other jobs; with one thread, about the wall time the step would take alone
+        "step_cpu_s": time.process_time() - cpu0,
         "gen_time_s": gen,
         "score_time_s": timer.times.get("score", 0.0),
         "reference_time_s": timer.times.get("reference", 0.0),

@@ -170,6 +170,7 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
     result = {
         "side": "pefrl", "algo": cfg.algo, "steps": len(records), "train_seconds": total,
         "step_times_s": [r["step_time_s"] for r in records],
+        "step_cpu_s": [r["step_cpu_s"] for r in records],
         "split_s": {k: [r[k] for r in records] for k in keys[1:]},
         "gen_time_s": sum(r["gen_time_s"] for r in records),
         "gen_tokens": int(sum(r["response_length"] * cfg.rollout.num_sequences for r in records)),
@@ -230,6 +231,9 @@ def summarize(runs: list[dict], skip: int) -> dict:
         "rss_growth_mib": statistics.median(r["peak_rss_bytes"] - r["rss_after_imports_bytes"] for r in runs) / 2**20,
         "cuda_peak_mib": (statistics.median(r["cuda_peak_bytes"] for r in runs) / 2**20
                           if runs[0].get("cuda_peak_bytes") is not None else None),
+        # CPU seconds per step (process_time): robust to other jobs on a shared machine; single-threaded runs
+        # spend ~all their wall time on CPU when alone, so this approximates the quiet-machine step time
+        "median_step_cpu_s": statistics.median(t for r in runs for t in r["step_cpu_s"][skip:]),
         "n_steps": len(steps),
         "mean_gen_tokens_per_step": tokens_per_step,
         # TRL's PPO runs gc.collect() twice a step; its cost depends on the Python heap, not on the model
@@ -248,17 +252,17 @@ def summarize(runs: list[dict], skip: int) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| pair | side | median step (s) | gen tokens/step | tokens/s (step) | tokens/s (generate) | "
-             "peak RSS (MiB) | RSS growth (MiB) | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
-    ratios = ["| pair | speed-up TRL/pefrl step time | same, TRL without its gc.collect | pefrl/TRL peak RSS | "
-              "pefrl/TRL RSS growth | target |", "|---|---|---|---|---|---|"]
+    lines = ["| pair | side | median step (s) | CPU s/step | gen tokens/step | tokens/s (step) | tokens/s (generate) | "
+             "peak RSS (MiB) | RSS growth (MiB) | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = ["| pair | speed-up TRL/pefrl step time | same, TRL without its gc.collect | speed-up in CPU time per step "
+              "| pefrl/TRL peak RSS | pefrl/TRL RSS growth | target |", "|---|---|---|---|---|---|---|"]
     names = {"ppo": "PPO vs TRL PPOTrainer (1.12)", "grpo": "GRPO vs TRL GRPOTrainer (1.16)",
              "rloo": "RLOO vs TRL RLOOTrainer (1.16)"}
     fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)
     for algo, res in results.items():
         for side in ("pefrl", "trl"):
             s = res[side]
-            lines.append(f"| {names[algo]} | {side} | {fmt(s['median_step_s'])} | "
+            lines.append(f"| {names[algo]} | {side} | {fmt(s['median_step_s'])} | {fmt(s.get('median_step_cpu_s'))} | "
                          f"{fmt(s['mean_gen_tokens_per_step'], '{:.0f}')} | {fmt(s['step_tokens_per_s'], '{:.0f}')} | "
                          f"{fmt(s['gen_tokens_per_s'], '{:.0f}')} | {fmt(s['peak_rss_mib'], '{:.0f}')} | "
                          f"{fmt(s['rss_growth_mib'], '{:.0f}')} | {fmt(s['cuda_peak_mib'], '{:.0f}')} |")
@@ -266,6 +270,7 @@ def table(results: dict[str, dict]) -> str:
         target = ">= 2x faster, <= 0.6x memory" if algo == "ppo" else ">= 1.3x faster, <= 1.0x memory"
         no_gc = t.get("median_step_without_gc_s", t["median_step_s"]) / p["median_step_s"]
         ratios.append(f"| {algo} | {t['median_step_s'] / p['median_step_s']:.2f}x | {no_gc:.2f}x | "
+                      f"{t['median_step_cpu_s'] / p['median_step_cpu_s']:.2f}x | "
                       f"{p['peak_rss_mib'] / t['peak_rss_mib']:.2f} | {p['rss_growth_mib'] / t['rss_growth_mib']:.2f} | "
                       f"{target} |")
     split = ["| pefrl algo | generate (s) | score (s) | reference+values (s) | update (s) | other (s) |", "|---|---|---|---|---|---|"]

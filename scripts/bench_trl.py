@@ -109,12 +109,12 @@ def step_timer_callback(gc_timer: GcTimer):
         first measured from on_train_begin)."""
 
         def __init__(self):
-            self.begin: tuple[float, float] | None = None  # (wall, gc seconds) at the step's start
-            self.spans: list[tuple[float, float]] = []  # (step seconds, gc seconds within it)
-            self.marks: list[tuple[float, float]] = []
+            self.begin: tuple[float, float, float] | None = None  # (wall, gc seconds, cpu) at the step's start
+            self.spans: list[tuple[float, float, float]] = []  # (step seconds, gc seconds within it, cpu seconds)
+            self.marks: list[tuple[float, float, float]] = []
 
-        def _now(self) -> tuple[float, float]:
-            return time.perf_counter(), gc_timer.seconds
+        def _now(self) -> tuple[float, float, float]:
+            return time.perf_counter(), gc_timer.seconds, time.process_time()
 
         def on_train_begin(self, args, state, control, **kw):
             self.marks.append(self._now())
@@ -125,14 +125,14 @@ def step_timer_callback(gc_timer: GcTimer):
         def on_step_end(self, args, state, control, **kw):
             now = self._now()
             if self.begin is not None:
-                self.spans.append((now[0] - self.begin[0], now[1] - self.begin[1]))
+                self.spans.append(tuple(n - b for n, b in zip(now, self.begin)))
                 self.begin = None
             self.marks.append(now)
 
-        def steps(self) -> list[tuple[float, float]]:
+        def steps(self) -> list[tuple[float, float, float]]:
             if self.spans:
                 return self.spans
-            return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.marks, self.marks[1:])]
+            return [tuple(y - x for x, y in zip(a, b)) for a, b in zip(self.marks, self.marks[1:])]
 
     return StepTimer()
 
@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         total = time.perf_counter() - t0
     result = {
         "side": "trl", "trl_version": trl.__version__, "algo": args.algo, "steps": args.steps,
-        "step_times_s": [t for t, _ in callback.steps()], "step_gc_s": [g for _, g in callback.steps()],
+        "step_times_s": [t for t, _, _ in callback.steps()], "step_gc_s": [g for _, g, _ in callback.steps()],
+        "step_cpu_s": [c for _, _, c in callback.steps()],
         "train_seconds": total,
         "gen_time_s": gen.seconds, "gen_tokens": gen.tokens,
         "rss_after_imports_bytes": rss_after_imports,

@@ -44,8 +44,9 @@ def test_overrides_give_both_sides_the_same_batch(tmp_path):
     assert load_config(None, bench.pefrl_overrides(a, "grpo", tmp_path, tmp_path, tmp_path, "o")).reward.functions
 
 
-def _run(steps, peak, after, tokens, split=None):
-    r = {"step_times_s": steps, "peak_rss_bytes": peak * 2**20, "rss_after_imports_bytes": after * 2**20,
+def _run(steps, peak, after, tokens, split=None, cpu=None):
+    r = {"step_times_s": steps, "step_cpu_s": cpu or steps, "peak_rss_bytes": peak * 2**20,
+         "rss_after_imports_bytes": after * 2**20,
          "gen_time_s": 2.0, "gen_tokens": tokens, "steps": len(steps), "cuda_peak_bytes": None}
     if split is not None:
         r["split_s"] = split
@@ -57,8 +58,10 @@ def test_summary_and_ratios_by_hand():
     # stages sum to 2.0 s in every kept step: "other" per step is -1, 0, 1, 3 -> median 0.5
     split = {"gen_time_s": [9, 1, 1], "score_time_s": [9, 0, 0], "reference_time_s": [9, 0.5, 0.5],
              "train_time_s": [9, 0.5, 0.5]}
-    pefrl = bench.summarize([_run([9, 1, 2], 100, 60, 40, split), _run([9, 3, 5], 120, 60, 40, split)], skip=1)
-    trl = bench.summarize([_run([9, 5, 6], 200, 50, 60) | {"step_gc_s": [9, 1, 1]}], skip=1)  # kept: 4, 5 -> 4.5
+    # CPU seconds per kept step: pefrl 1, 1, 1, 2 -> median 1; trl 3, 4 -> 3.5
+    pefrl = bench.summarize([_run([9, 1, 2], 100, 60, 40, split, cpu=[9, 1, 1]),
+                             _run([9, 3, 5], 120, 60, 40, split, cpu=[9, 1, 2])], skip=1)
+    trl = bench.summarize([_run([9, 5, 6], 200, 50, 60, cpu=[9, 3, 4]) | {"step_gc_s": [9, 1, 1]}], skip=1)  # 4, 5 -> 4.5
     assert pefrl["median_step_s"] == 2.5 and trl["median_step_s"] == 5.5
     assert pefrl["peak_rss_mib"] == 110 and pefrl["rss_growth_mib"] == 50  # medians of per-run numbers
     assert pefrl["step_tokens_per_s"] == pytest.approx((40 / 3) / 2.5)  # 40 tokens over 3 steps per run
@@ -66,7 +69,8 @@ def test_summary_and_ratios_by_hand():
     assert pefrl["split_s"]["gen_time_s"] == 1 and pefrl["split_s"]["reference_time_s"] == 0.5
     text = bench.table({"grpo": {"pefrl": pefrl, "trl": trl}})
     assert trl["median_step_without_gc_s"] == 4.5
-    assert "| grpo | 2.20x | 1.80x | 0.55 | 0.33 |" in text  # 5.5 / 2.5, 4.5 / 2.5, 110 / 200, 50 / 150
+    assert pefrl["median_step_cpu_s"] == 1 and trl["median_step_cpu_s"] == 3.5
+    assert "| grpo | 2.20x | 1.80x | 3.50x | 0.55 | 0.33 |" in text  # 5.5/2.5, 4.5/2.5, 3.5/1, 110/200, 50/150
     assert pefrl["split_s"]["other_s"] == 0.5
     assert "| grpo | 1.000 | 0.000 | 0.500 | 0.500 | 0.500 |" in text
 
@@ -77,7 +81,8 @@ def test_pefrl_child_reports_steps_split_and_memory(tmp_path, capsys):
     a = bench.parse_args(["--batch-size", "2", "--num-samples", "2", "--max-new-tokens", "4", "--steps", "2",
                           "--lora-r", "4", "--lora-alpha", "8"])
     result = bench.child_pefrl(bench.pefrl_overrides(a, "grpo", model, model, prompts, str(tmp_path / "run")), 1)
-    assert result["steps"] == 2 and len(result["step_times_s"]) == 2
+    assert result["steps"] == 2 and len(result["step_times_s"]) == 2 == len(result["step_cpu_s"])
+    assert all(0 < c for c in result["step_cpu_s"])
     assert set(result["split_s"]) == {"gen_time_s", "score_time_s", "reference_time_s", "train_time_s"}
     for i, step in enumerate(result["step_times_s"]):
         assert sum(result["split_s"][k][i] for k in result["split_s"]) <= step

@@ -26,7 +26,9 @@ MARGIN = 0.15  # greedy accuracy on 100 held-out sums; measured gains are 0.3-0.
 # algorithm -> overrides on top of recipes/configs/arithmetic_<algo>.yaml (smaller batches: seconds, not minutes)
 RUNS = {
     "ppo": ["rollout.batch_size=32", "rl.minibatch_size=16"],
-    "ppo-sequence_mean": ["rollout.batch_size=32", "rl.minibatch_size=16", "rl.loss_aggregation=sequence_mean"],
+    # sequence_mean at the recipe's lr 5e-4 gains 0.14-0.45 over seeds 0-6; at 1e-3: 0.39-0.47 (seeds 0-3)
+    "ppo-sequence_mean": ["rollout.batch_size=32", "rl.minibatch_size=16", "rl.loss_aggregation=sequence_mean",
+                          "train.lr=1e-3"],
     "a2c": ["rollout.batch_size=32", "rl.minibatch_size=32"],
     "reinforce": ["rollout.batch_size=32", "rl.minibatch_size=32"],
     "rloo": ["rollout.batch_size=16", "rl.minibatch_size=32"],

@@ -10,7 +10,8 @@ from pefrl.config import load_config
 from pefrl.models import critic_values, policy_forward, reference_logprobs, resolve_model_path
 from pefrl.trainer import _backward, setup, train
 
-REQUIRED = ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "step_time_s", "gen_tokens_per_s")
+REQUIRED = ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "step_time_s", "step_cpu_s",
+            "gen_tokens_per_s")
 
 
 @pytest.mark.parametrize("critic", ["adapter", "shared"])
@@ -116,3 +117,17 @@ def test_separate_critic_backward_gives_the_joint_gradients(tmp_path, algo):
     assert all(g.abs().sum() > 0 for g in joint[:1]) and any(p.grad.abs().sum() > 0 for p in models.value_head.parameters())
     for k, v in joint_stats.items():
         torch.testing.assert_close(torch.as_tensor(stats[k]), torch.as_tensor(v), rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_without_a_bonus_stays_out_of_the_graph(tmp_path):
+    """entropy_grad=False (the trainer's choice when rl.entropy_coef is 0): same entropy values, no grad_fn, so
+    its (B, T, V) softmax is not kept for backward; the logprobs keep theirs."""
+    cfg = load_config("recipes/configs/arithmetic_grpo.yaml", [f"output_dir={tmp_path}"])
+    models = setup(cfg).models
+    ids = torch.randint(3, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    lp, ent, _ = policy_forward(models, ids, mask, 3, 1.0)
+    lp_off, ent_off, _ = policy_forward(models, ids, mask, 3, 1.0, entropy_grad=False)
+    assert ent.grad_fn is not None and ent_off.grad_fn is None and lp_off.grad_fn is not None
+    torch.testing.assert_close(ent_off, ent.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(lp_off, lp, rtol=0, atol=0)
