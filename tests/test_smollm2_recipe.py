@@ -3,6 +3,7 @@ model followed by a verified merged export (slow; skipped when the model is not 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,19 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "recipes" / "configs" / f"smollm2_ppo{s}.yaml" for s in ("", "_4bit")]
 
 
-def test_answer_reward_pays_for_the_bare_number_and_half_for_a_stated_one():
-    completions = ["12", " 12.\n", "7 + 5 = 12, the", "The answer is: 12.", "12 + 0 = 7", "A simple way: 12 +",
-                   "13", "7 + 5 = 13", ""]
-    assert smollm_arith.answer_reward([""] * 9, completions, ["12"] * 9) == [1, 1, .5, .5, 0, 0, 0, 0, 0]
+def test_answer_form_reward_pays_only_the_requested_sentence_with_the_right_sum():
+    completions = ["The answer is 12.", " The answer is 12\n",  # the period may go, whitespace is ignored
+                   "7 + 5 = 12", "12", "The answer is: 12.",        # right sum, other forms: nothing
+                   "The answer is 13.", "The answer is 12. 7 + 5 = 12", "The answer is 120.", ""]
+    assert smollm_arith.answer_form_reward([""] * 9, completions, ["12"] * 9) == [1, 1, 0, 0, 0, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="answers"):
-        smollm_arith.answer_reward(["p"], ["1", "2"], ["1"])
+        smollm_arith.answer_form_reward(["p"], ["1", "2"], ["1"])
 
 
-def test_splits_are_disjoint_fixed_and_match_the_committed_data():
+def test_splits_are_disjoint_fixed_closed_under_order_and_match_the_committed_data():
     train, evals = smollm_arith.problems("train"), smollm_arith.problems("eval")
-    assert (len(train), len(evals)) == (75, 25)
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
-    assert evals[0] == {"prompt": "What is 7 + 5? Reply with just the number.", "answer": "12"}
+    assert (len(train), len(evals)) == (50, 50)
+    sums = {split: {frozenset(map(int, re.findall(r"\d+", r["prompt"])[:2])) for r in rows}
+            for split, rows in (("train", train), ("eval", evals))}
+    assert not sums["train"] & sums["eval"]  # "3 + 4" held out means "4 + 3" is too
+    assert evals[0] == {"prompt": "What is 0 + 4? Reply in the form 'The answer is N.'", "answer": "4"}
     for split, rows in (("train", train), ("eval", evals)):
         lines = (REPO / "recipes" / "data" / f"smollm_arith_{split}.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in lines] == rows  # regenerate: python -m pefrl.tasks.smollm_arith
@@ -37,11 +41,11 @@ def test_splits_are_disjoint_fixed_and_match_the_committed_data():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_recipe_configs_differ_only_in_quantization(config):
     cfg = load_config(config)
-    # The 4-bit recipe keeps the value loss off the policy adapter (critic adapter): its shared-critic run went
-    # 0.24 -> 0.22, the critic adapter 0.24 -> 0.34 (recipes/configs/smollm2_ppo_4bit.yaml).
+    # The 4-bit recipe keeps the value loss off the policy adapter (critic adapter): on the earlier task its
+    # shared-critic run went 0.24 -> 0.22, the critic adapter 0.24 -> 0.34 (docs/quantization.md).
     assert cfg.algo == "ppo" and cfg.model.critic == ("adapter" if "4bit" in config.stem else "shared")
     assert cfg.model.quantization == ("4bit" if "4bit" in config.stem else None)
-    assert cfg.reward.functions == ["pefrl.tasks.smollm_arith:answer_reward"]
+    assert cfg.reward.functions == ["pefrl.tasks.smollm_arith:answer_form_reward"]
 
 
 def _smollm2_prepared() -> bool:

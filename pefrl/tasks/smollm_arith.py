@@ -1,12 +1,17 @@
-"""Small additions in words for a real chat model (SmolLM2-135M-Instruct): "What is 7 + 5? Reply with just the
-number." The recipe recipes/configs/smollm2_ppo.yaml trains on it.
+"""One-digit sums in a fixed reply form, for a real chat model (SmolLM2-135M-Instruct): "What is 7 + 5? Reply in
+the form 'The answer is N.'" The recipes recipes/configs/smollm2_ppo{,_4bit}.yaml train on it.
 
-Out of the box the model mostly answers in a sentence ("7 + 5 = 12") and is often wrong at temperature 0.7;
-the reward pays for the right number and more for the bare number the prompt asks for, so PPO has two things to
-learn fast: get the sum right, and stop after it.
+What is learned is mostly format following, named so: out of the box the model answers about half of these
+prompts in its habitual "7 + 5 = 12" and the rest in the requested sentence, which it gets right only about half
+the time. The reward is strict and all-or-nothing: 1.0 for exactly "The answer is 12." (trailing period and
+whitespace aside) with the right sum, 0.0 for anything else, so neither the habitual equation (right or wrong) nor
+the requested sentence with a wrong number earns anything. A greedy eval mean is then the fraction of prompts
+answered exactly, and its standard error is sqrt(p (1 - p) / n).
 
-Pairs (a, b) with a, b in 0..9 (the model is unreliable beyond one digit) are split by sha256 as in
-pefrl/tasks/arithmetic.py: the 25 smallest hashes are `eval`, the other 75 `train`. `write_data` writes them to recipes/data/smollm_arith_{train,eval}.jsonl.
+Pairs (a, b) with a, b in 0..9 are split by the sha256 of the unordered pair, so "3 + 4" and "4 + 3" land in the
+same split and a held-out sum is never seen in training in the other order: unordered pairs in hash order go to
+`eval` until it holds EVAL_SIZE prompts or one more, the rest to `train`. `write_data` writes both splits to
+recipes/data/smollm_arith_{train,eval}.jsonl.
 """
 
 from __future__ import annotations
@@ -18,41 +23,43 @@ from pathlib import Path
 from typing import Any
 
 MAX_OPERAND = 9
-EVAL_SIZE = 25
+EVAL_SIZE = 50
 DATA_DIR = Path(__file__).resolve().parents[2] / "recipes" / "data"
-_STATED = re.compile(r"(?:=|\bis\b:?)\s*(-?\d+)")
-"""A number stated as a result: after "=" or "is" ("6 + 3 = 9", "The answer is: 9")."""
+_FORM = re.compile(r"The answer is (\d+)\.?")
+"""The requested reply, whole: "The answer is 12." (the period may be left off; nothing else may be added)."""
 
 
 def question(a: int, b: int) -> str:
-    return f"What is {a} + {b}? Reply with just the number."
+    return f"What is {a} + {b}? Reply in the form 'The answer is N.'"
 
 
 def problems(split: str) -> list[dict[str, str]]:
-    """Rows {'prompt', 'answer'} of `split` ('train': 75, 'eval': 25) in a fixed pseudo-random order."""
+    """Rows {'prompt', 'answer'} of `split` ('train': 50, 'eval': 50) in a fixed pseudo-random order."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
-    pairs.sort(key=lambda ab: hashlib.sha256(question(*ab).encode()).digest())
-    chosen = pairs[:EVAL_SIZE] if split == "eval" else pairs[EVAL_SIZE:]
+    unordered = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(a, MAX_OPERAND + 1)]
+    unordered.sort(key=lambda ab: hashlib.sha256(f"{ab[0]}+{ab[1]}".encode()).digest())
+    evals: list[tuple[int, int]] = []
+    train: list[tuple[int, int]] = []
+    for a, b in unordered:
+        orders = [(a, b)] if a == b else [(a, b), (b, a)]
+        (evals if len(evals) < EVAL_SIZE else train).extend(orders)
+    chosen = evals if split == "eval" else train
     return [{"prompt": question(a, b), "answer": str(a + b)} for a, b in chosen]
 
 
-def answer_reward(prompts: list[str], completions: list[str], answer: list[str], **columns: Any) -> list[float]:
-    """1.0 for exactly the answer (whitespace and one trailing period aside), 0.5 when the first number stated as
-    a result is the answer ("7 + 5 = 12, ...", "The answer is 12."), 0.0 otherwise. Not "the last number": in
-    "3 + 0 = 3" vs "A simple solution: 3 +" an operand would often pass for the answer."""
+def answer_form_reward(prompts: list[str], completions: list[str], answer: list[str], **columns: Any) -> list[float]:
+    """1.0 when the completion is exactly "The answer is N." with N the answer (the period optional, surrounding
+    whitespace ignored), else 0.0. No partial credit: the base model's habitual "7 + 5 = 12" is right but not
+    what was asked, and the requested sentence with a wrong number is not arithmetic."""
     if len(completions) != len(answer):
         raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
     return [_score(c, str(ans).strip()) for c, ans in zip(completions, answer)]
 
 
 def _score(completion: str, answer: str) -> float:
-    text = completion.strip()
-    if text.removesuffix(".").strip() == answer:
-        return 1.0
-    stated = _STATED.search(text)
-    return 0.5 if stated and stated.group(1) == answer else 0.0
+    match = _FORM.fullmatch(completion.strip())
+    return 1.0 if match is not None and match.group(1) == answer else 0.0
 
 
 def write_data(directory: Path = DATA_DIR) -> list[Path]:
