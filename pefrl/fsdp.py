@@ -19,7 +19,8 @@ Every forward is a collective under FSDP, so every rank must run the same number
 transformers' `synced_gpus` mode (a rank whose sequences are done keeps stepping until all ranks are),
 micro-batch counts are equal because batch sizes are per rank, and evaluation rows are trimmed to a multiple of
 the world size in setup. Multi-turn environments (episodes end after different numbers of turns per rank),
-quantized bases and TRPO (double backward through a retained graph) are refused by `check_fsdp`.
+quantized bases and TRPO (double backward through a retained graph) are refused by `check_fsdp`; pefrl's lean
+decoder, which reads layer weights directly, by `check_engine` (use rollout.engine=transformers).
 """
 
 from __future__ import annotations
@@ -131,6 +132,17 @@ def _run_root_first(lm: nn.Module, device: torch.device) -> None:
     # (e.g. evaluation is off and a policy forward comes first in a custom loop), which would make a decoder
     # layer the root and the LM's own forward fail later: one token through the LM fixes the root now.
     lm(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+
+
+def check_engine(models: Models, rollout_cfg) -> None:
+    """Raise if rollout.engine would sample with pefrl's lean decoder (pefrl/decode.py) from the sharded base:
+    it reads each layer's weights directly, never through the layer's forward where FSDP gathers them, and would
+    fail with "mixed torch.Tensor and DTensor". Call after shard_models."""
+    from pefrl.rollout import use_pefrl_engine
+
+    if use_pefrl_engine(models, rollout_cfg):  # 'pefrl' raises itself once decode names sharded bases
+        raise ValueError(f"rollout.engine={rollout_cfg.engine} picks pefrl's lean decoder, which cannot read a "
+                         "sharded base: set rollout.engine=transformers under FSDP")
 
 
 def sharded_numel(param: torch.Tensor) -> tuple[int, int]:

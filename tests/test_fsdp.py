@@ -115,6 +115,19 @@ def test_shard_models_on_one_rank_keeps_outputs_and_replicates_adapters(one_rank
     policy = [p for n, p in models.model.named_parameters() if "lora_" in n and ".policy." in n]
     assert policy and all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy)
 
+    # rollout.engine=auto must never pick the lean decoder here: it raises naming the fix, or falls back
+    from pefrl.config import RolloutConfig
+    from pefrl.fsdp import check_engine
+    from pefrl.rollout import use_pefrl_engine
+
+    check_engine(models, RolloutConfig(engine="transformers"))
+    try:
+        check_engine(models, RolloutConfig(engine="auto"))
+    except ValueError as e:
+        assert "set rollout.engine=transformers under FSDP" in str(e)
+    else:
+        assert not use_pefrl_engine(models, RolloutConfig(engine="auto"))
+
 
 # --- slow: two ranks through accelerate launch ----------------------------------------------------------------
 
