@@ -195,8 +195,9 @@ def _steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # four two-rank launches, ~80 s on 2 cores
+@pytest.mark.slow  # five two-rank launches, ~100 s on 2 cores
 def test_fsdp_two_ranks_shard_the_base_train_adapters_resume_and_match_ddp(tmp_path):
+    """PPO with a critic adapter, 3 steps, gradient accumulation 2, evaluation before and after."""
     from pefrl.models import load_adapters, load_models
     from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
 
@@ -252,3 +253,9 @@ def test_fsdp_two_ranks_shard_the_base_train_adapters_resume_and_match_ddp(tmp_p
     # for another memory layout). Measured on this 2-core CPU: 0 (bit-identical); allowed: 1e-6.
     assert diff < 1e-6, f"FSDP vs DDP: max |diff| {diff:.3g}"
     assert resume_diff == 0.0, f"FSDP resume vs uninterrupted: max |diff| {resume_diff:.3g}"  # as under DDP
+
+    # checkpoints carry over: DDP's checkpoint-2 resumed under FSDP ends where the FSDP run ended
+    _launch(tmp_path, tmp_path / "ddp_to_fsdp", "fsdp_cpu_2ranks.yaml", "train.steps=3",
+            f"train.resume={tmp_path / 'ddp' / 'checkpoint-2'}")
+    carried = _tensors(tmp_path / "ddp_to_fsdp" / "rank0")
+    assert all(torch.equal(carried[k], r0[k]) for k in r0)
