@@ -121,16 +121,27 @@ def shard_models(models: Models, device: torch.device, reshard_after_forward: bo
     root_own = {p for p in lm.parameters() if p not in in_layers}
     fully_shard(lm, mesh=mesh, ignored_params=root_own | replicated)
     lm._is_fsdp_managed_module = True  # transformers' generate then runs synced_gpus: no rank stops stepping early
-    for p in replicated | root_own:
-        p.data = p.data.to(device)
+    _move_unmanaged(lm, replicated | root_own, device)
     _run_root_first(lm, device)
+
+
+def _move_unmanaged(lm: nn.Module, params: set[nn.Parameter], device: torch.device) -> None:
+    # fully_shard moves the parameters it manages to the mesh's device; the ignored ones and the buffers (rotary
+    # inv_freq, ...) are left where they were loaded: move them before the first forward.
+    for p in params:
+        p.data = p.data.to(device)
+    for module in lm.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
 
 
 @torch.no_grad()
 def _run_root_first(lm: nn.Module, device: torch.device) -> None:
-    # FSDP2 makes the first unit whose forward runs the root. pefrl's first forward may be a direct trunk call
-    # (e.g. evaluation is off and a policy forward comes first in a custom loop), which would make a decoder
-    # layer the root and the LM's own forward fail later: one token through the LM fixes the root now.
+    # FSDP2 makes the unit whose forward runs first the root. pefrl's loop generates first (through the LM), but
+    # a direct trunk call first (policy_forward from a custom loop) would make a decoder layer the root and the LM's
+    # own forward fail later ("FSDP requires running forward through the root module first"): one token through
+    # the LM settles the root now.
     lm(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
 
 

@@ -109,8 +109,9 @@ def test_shard_models_on_one_rank_keeps_outputs_and_replicates_adapters(one_rank
     assert base and all(isinstance(p, DTensor) for p in base)  # decoder layers: managed by FSDP
     assert not any(isinstance(p, DTensor) for p in adapter_parameters(models))  # adapters and head: replicated
     assert not isinstance(lm.lm_head.weight, DTensor)  # root weights replicated (pefrl calls lm_head directly)
-    logprobs, _, _ = policy_forward(models, ids, mask, P, 1.0)
+    logprobs, _, _ = policy_forward(models, ids, mask, P, 1.0)  # a direct trunk call first: the root is set
     assert torch.equal(logprobs, before[0]) and torch.equal(critic_values(models, ids, mask, P), before[1])
+    lm(input_ids=ids)  # else: "FSDP requires running forward through the root module first"
     logprobs.sum().backward()  # gradients reach the replicated adapters through the sharded layers
     policy = [p for n, p in models.model.named_parameters() if "lora_" in n and ".policy." in n]
     assert policy and all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy)
