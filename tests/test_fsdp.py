@@ -142,7 +142,18 @@ DRIVER = textwrap.dedent("""
     from pefrl.config import load_config
     from pefrl.fsdp import sharded_numel
     from pefrl.models import save_adapters
+    from transformers.generation.utils import GenerationMixin
 
+    seen = {"synced": set(), "waited": 0}  # does generate keep a rank whose rows are done stepping with the others?
+    unfinished = GenerationMixin._has_unfinished_sequences
+
+    def spy(self, this_peer_finished, synced_gpus, device):
+        more = unfinished(self, this_peer_finished, synced_gpus, device)
+        seen["synced"].add(synced_gpus)
+        seen["waited"] += bool(this_peer_finished and more)  # done here, stepping on for another rank
+        return more
+
+    GenerationMixin._has_unfinished_sequences = spy
     run = T.setup(load_config(None, sys.argv[1:]))
     acc, rank, out = run.accelerator, run.accelerator.process_index, run.cfg.output_dir
     print(f"rank {rank} of {acc.num_processes}", flush=True)
@@ -152,6 +163,7 @@ DRIVER = textwrap.dedent("""
     lm = run.models.model.get_base_model()
     w = lm.model.layers[0].mlp.down_proj.base_layer.weight
     print(f"rank {rank} holds {sharded_numel(w)[0]} of {sharded_numel(w)[1]} {type(w).__name__}", flush=True)
+    print(f"rank {rank} synced_gpus {sorted(seen['synced'])} waited {seen['waited']} steps", flush=True)
     # the whole base (collective: every rank gathers; rank 0 writes)
     base = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for n, p in lm.named_parameters() if "lora_" not in n}
@@ -165,7 +177,8 @@ BASE = ["data.prompts=builtin:arithmetic", "data.eval_prompts=builtin:arithmetic
         "reward.functions=[pefrl.tasks.arithmetic:exact_match]", "rollout.max_new_tokens=6", "lora.r=2",
         "train.lr=3e-3", "algo=ppo", "model.critic=adapter", "rollout.batch_size=4", "rl.minibatch_size=2",
         "rl.grad_accum_steps=2", "train.save_every=1",
-        "rollout.engine=transformers"]  # the lean decoder (pefrl/decode.py) reads weights directly: not sharded
+        "rollout.engine=transformers",  # the lean decoder (pefrl/decode.py) reads weights directly: not sharded
+        "rollout.stop=['5']"]  # rows end at different steps, so a rank can finish generating before the other
 
 
 def _free_port() -> int:
@@ -208,6 +221,11 @@ def test_fsdp_two_ranks_shard_the_base_train_adapters_resume_and_match_ddp(tmp_p
     assert sorted(l for l in fsdp.stdout.splitlines() if " holds " in l) == [
         "rank 0 holds 32768 of 65536 DTensor", "rank 1 holds 32768 of 65536 DTensor"]
     assert _steps(tmp_path / "fsdp") == [0, 1, 2]
+    synced = sorted(l for l in fsdp.stdout.splitlines() if " synced_gpus " in l)
+    assert len(synced) == 2 and all("synced_gpus [True]" in l for l in synced)  # every generate call kept in step
+    # and it mattered: some rank was done while the other still sampled, and stepped on instead of leaving the
+    # all-gathers (this seed on CPU: 1 step on each rank; without synced_gpus the other rank would hang)
+    assert sum(int(l.split("waited ")[1].split()[0]) for l in synced) > 0, synced
 
     # the base, gathered from its shards after training, is bit-identical to the checkpoint on disk
     from transformers import AutoModelForCausalLM
