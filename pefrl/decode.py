@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from pefrl.config import RolloutConfig
@@ -46,6 +47,8 @@ def unsupported_reason(models: Models) -> str | None:
         return f"model_type {cfg.model_type!r} (supported: {', '.join(SUPPORTED_TYPES)})"
     if getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False):
         return "quantized base"
+    if any(isinstance(p, DTensor) for p in lm.parameters()):
+        return "FSDP-sharded base (the sampler reads weights directly; FSDP gathers them only inside forward)"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp != 1"
     if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "sliding_window", None):

@@ -122,12 +122,10 @@ def test_shard_models_on_one_rank_keeps_outputs_and_replicates_adapters(one_rank
     from pefrl.rollout import use_pefrl_engine
 
     check_engine(models, RolloutConfig(engine="transformers"))
-    try:
-        check_engine(models, RolloutConfig(engine="auto"))
-    except ValueError as e:
-        assert "set rollout.engine=transformers under FSDP" in str(e)
-    else:
-        assert not use_pefrl_engine(models, RolloutConfig(engine="auto"))
+    check_engine(models, RolloutConfig(engine="auto"))  # decode.unsupported_reason names the sharded base
+    assert not use_pefrl_engine(models, RolloutConfig(engine="auto"))
+    with pytest.raises(ValueError, match="FSDP-sharded base"):
+        use_pefrl_engine(models, RolloutConfig(engine="pefrl"))
 
 
 # --- slow: two ranks through accelerate launch ----------------------------------------------------------------
