@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from pefrl.config import RolloutConfig
-from pefrl.models import POLICY, LogitsHead, Models
+from pefrl.models import CRITIC, POLICY, LogitsHead, Models
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -132,9 +132,10 @@ def _layer(layer: nn.Module, h: torch.Tensor, cos, sin, cache: _Cache, i: int, s
     return h + _linear(mlp.down_proj, gate * _linear(mlp.up_proj, x, groups), groups)
 
 
-def _forward(lm: nn.Module, head: LogitsHead, ids: torch.Tensor, positions: torch.Tensor, cache: _Cache,
-             start: int, groups: Groups) -> torch.Tensor:
-    """Logits (R, V) of the last of the L new tokens ids (R, L) placed at buffer positions start..start+L-1."""
+def _forward(lm: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: _Cache, start: int,
+             groups: Groups) -> torch.Tensor:
+    """Last hidden state (R, H), after the final norm, of the L new tokens ids (R, L) placed at buffer positions
+    start..start+L-1: what the lm_head (logits) and the value head (values) read."""
     L = ids.shape[1]
     h = lm.model.embed_tokens(ids)  # (R, L, H)
     cos, sin = lm.model.rotary_emb(h, positions)  # (R, L, D) each
@@ -148,7 +149,7 @@ def _forward(lm: nn.Module, head: LogitsHead, ids: torch.Tensor, positions: torc
     mask = mask | (key_pos[None, :] == query_pos[:, None])
     for i, layer in enumerate(lm.model.layers):
         h = _layer(layer, h, cos, sin, cache, i, start, mask, groups)
-    return head(lm.model.norm(h[:, -1]))  # (R, V)
+    return lm.model.norm(h[:, -1])  # (R, H)
 
 
 def _new_cache(lm: nn.Module, rows: int, size: int, like: torch.Tensor) -> _Cache:
@@ -174,6 +175,8 @@ class Sampled:
     """Logprob under the epsilon-greedy mixture that sampled (None without epsilon)."""
     ref_logprobs: torch.Tensor | None
     """Logprob of each token under the reference (None unless asked)."""
+    values: torch.Tensor | None
+    """Critic value of the state before each token (None unless asked)."""
 
 
 def _choose(z: torch.Tensor, cfg: RolloutConfig, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -203,33 +206,54 @@ def _draw(probs: torch.Tensor) -> torch.Tensor:
     return tokens.clamp(max=probs.shape[-1] - 1)
 
 
+def _row_groups(models: Models, B: int, with_reference: bool, with_values: bool) -> tuple[Groups, slice | None]:
+    """Row groups of the decode batch: the policy's B rows, then B reference rows, then B critic rows when the
+    critic has its own adapter. -> (groups, rows whose hidden states feed the value head, or None)."""
+    groups: Groups = [(slice(0, B), POLICY)]
+    if with_reference:
+        groups.append((slice(B, 2 * B), models.reference))
+    if not with_values:
+        return groups, None
+    if models.critic == "shared":
+        return groups, slice(0, B)  # the value head reads the policy's own hidden states
+    start = len(groups) * B
+    groups.append((slice(start, start + B), CRITIC))
+    return groups, slice(start, start + B)
+
+
 @torch.no_grad()
 def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cfg: RolloutConfig,
-           eos_ids: list[int], pad_id: int, stopping=None, with_reference: bool = False) -> Sampled:
+           eos_ids: list[int], pad_id: int, stopping=None, with_reference: bool = False,
+           with_values: bool = False) -> Sampled:
     """Sample up to cfg.max_new_tokens tokens per row of the left-padded prompts query_ids (B, P).
 
+    with_reference / with_values: also score every sampled token under the reference, and the value of the
+    state before it under the critic (shared head: the policy rows' hidden states; critic adapter: B more rows).
     A row ends at EOS or when `stopping(ids, None)` flags it (transformers' StoppingCriteria interface); the
     loop ends when every row has. Sampling draws from the global torch RNG, as `generate` does.
     """
     lm = models.model.get_base_model()
     head = LogitsHead(lm)
     B, P = query_ids.shape
-    groups: Groups = [(slice(0, B), POLICY)]
-    ids, mask = query_ids, query_mask
-    if with_reference:
-        groups.append((slice(B, 2 * B), models.reference))
-        ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])  # (2B, P)
+    groups, value_rows = _row_groups(models, B, with_reference, with_values and models.value_head is not None)
+    logit_rows = slice(0, 2 * B if with_reference else B)  # critic rows need no logits
+    copies = len(groups)
+    ids, mask = query_ids.repeat(copies, 1), query_mask.repeat(copies, 1)  # (copies * B, P)
     R, N = len(ids), cfg.max_new_tokens
     cache = _new_cache(lm, R, P + N, lm.model.embed_tokens.weight)
     cache.key_mask[:, :P] = mask.bool()
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, P): left padding does not shift positions
-    logits = _forward(lm, head, ids, positions, cache, 0, groups)  # (R, V)
+    hidden = _forward(lm, ids, positions, cache, 0, groups)  # (R, H)
     next_pos = positions[:, -1:] + 1  # (R, 1)
     eos = torch.tensor(eos_ids, device=ids.device)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    out: dict[str, list[torch.Tensor]] = {"tokens": [], "logprobs": [], "entropy": [], "behaviour": [], "ref": []}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("tokens", "logprobs", "entropy", "behaviour", "ref",
+                                                           "values")}
     generated = query_ids
     for t in range(N):
+        logits = head(hidden[logit_rows])  # (B or 2B, V)
+        if value_rows is not None:
+            out["values"].append(models.value_head(hidden[value_rows]))  # (B,)
         z = logits[:B].float() / cfg.temperature  # (B, V)
         logprobs = torch.log_softmax(z, dim=-1)
         tokens, behaviour = _choose(z, cfg, generated)
@@ -250,8 +274,8 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
         if bool(finished.all()) or t == N - 1:
             break
         cache.key_mask[:, P + t] = True
-        step_ids = torch.cat([tokens, tokens])[:, None] if with_reference else tokens[:, None]  # (R, 1)
-        logits = _forward(lm, head, step_ids, next_pos, cache, P + t, groups)
+        hidden = _forward(lm, tokens.repeat(copies)[:, None], next_pos, cache, P + t, groups)  # (R, H)
         next_pos = next_pos + 1
     stack = lambda k: torch.stack(out[k], dim=1) if out[k] else None  # noqa: E731  (B, T0)
-    return Sampled(stack("tokens"), stack("logprobs"), stack("entropy"), stack("behaviour"), stack("ref"))
+    return Sampled(stack("tokens"), stack("logprobs"), stack("entropy"), stack("behaviour"), stack("ref"),
+                   stack("values"))

@@ -58,6 +58,9 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None
     """(B, T) reference logprobs of the sampled tokens, scored while sampling (engine 'pefrl' with
     with_reference=True); 0 where response_mask is 0. None: the trainer runs the reference forward."""
+    values: torch.Tensor | None = None
+    """(B, T) critic values of the states before each response token, scored while sampling (engine 'pefrl'
+    with with_values=True); 0 where response_mask is 0. None: the trainer runs the critic forward."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -272,13 +275,14 @@ def generate(
     generator: torch.Generator | None = None,
     prompt_ids: list[list[int]] | None = None,
     with_reference: bool = False,
+    with_values: bool = False,
 ) -> Rollout:
     """Sample one completion per prompt with the policy adapter (repeat prompts for several samples each).
 
     prompt_ids: the prompts' exact token ids (e.g. a multi-turn context that must not be re-encoded); then
     `prompts` is not encoded. `generator` seeds the sampling: the same seed gives the same samples.
     with_reference: also score the sampled tokens under the reference (Rollout.ref_logprobs) where the pefrl
-    engine runs; elsewhere it is left None.
+    engine runs; elsewhere it is left None. with_values: likewise the critic's values (Rollout.values).
     """
     model = models.model
     device = next(model.parameters()).device
@@ -299,7 +303,7 @@ def generate(
                 torch.manual_seed(seed)
             if lean:
                 out = decode.sample(models, query_ids, query_mask, c, eos_ids, tokenizer.pad_token_id, stopping,
-                                    with_reference)
+                                    with_reference, with_values)
                 sampled = out.tokens
             else:
                 sampled, recorder, explore = _hf_generate(models, query_ids, query_mask, c, tokenizer, eos_ids,
@@ -320,7 +324,8 @@ def generate(
         # (B, T), 0 past the end (where, not *: a filtered pad token's mixture logprob is -inf)
         zero = lambda x: None if x is None else torch.where(response_mask > 0, x[:, :T], 0.0)  # noqa: E731
         return Rollout(query_ids, query_mask, response_ids, response_mask, completions,
-                       zero(out.behaviour_logprobs), zero(out.logprobs), zero(out.entropy), zero(out.ref_logprobs))
+                       zero(out.behaviour_logprobs), zero(out.logprobs), zero(out.entropy), zero(out.ref_logprobs),
+                       zero(out.values))
     logprobs, entropy = recorder.stacked(sampled, response_mask)  # (B, T) each
     behaviour = explore.stacked(sampled, response_mask)[0] if explore is not None else None
     return Rollout(query_ids, query_mask, response_ids, response_mask, completions, behaviour, logprobs, entropy)

@@ -156,7 +156,7 @@ def train(
 
             # 2. generate with the policy adapter (env.name: whole episodes, the environment answering each turn)
             with timer("generate"):
-                texts, rollout, columns = _play(models, tokenizer, my_rows, cfg, cfg.rollout, with_reference=True)
+                texts, rollout, columns = _play(models, tokenizer, my_rows, cfg, cfg.rollout, scores_too=True)
 
             # 3. score: reward functions see the raw prompt text and every other column (episodes: env_reward)
             with timer("score"):
@@ -232,16 +232,19 @@ def _step_record(run: Run, step: int, batch: RolloutBatch, entropy: torch.Tensor
 
 
 def _play(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, rollout_cfg,
-          with_reference: bool = False) -> tuple[list[str], Rollout, dict]:
+          scores_too: bool = False) -> tuple[list[str], Rollout, dict]:
     """Completions for `rows`: prompts through the chat template, or whole episodes when env.name is set.
-    with_reference: let the sampler score the reference too, where it can (rollout.generate).
+    scores_too: let the sampler also score the reference and the critic's values, where it can
+    (rollout.generate; the no-grad pass fills in what it could not).
     -> (raw prompt texts, rollout, extra columns for the reward functions)."""
     if cfg.env.name:
         return play_rows(models, tokenizer, rows, rollout_cfg, cfg.env)
     texts = [row[cfg.data.prompt_field] for row in rows]
     prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != cfg.data.prompt_field}
-    return texts, generate(models, tokenizer, prompts, rollout_cfg, with_reference=with_reference), columns
+    rollout = generate(models, tokenizer, prompts, rollout_cfg, with_reference=scores_too,
+                       with_values=scores_too and models.value_head is not None)
+    return texts, rollout, columns
 
 
 def _eval_rows(cfg: Config) -> list[dict[str, Any]]:
@@ -259,23 +262,25 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
     The old logprobs and entropy come from generation (`Rollout.logprobs`, recorded while sampling), so the
     policy runs a forward here only where something else needs it: the shared critic's values, or a rollout
     that recorded nothing (multi-turn episodes). Likewise the reference forward runs only where the sampler did
-    not score the reference itself (`Rollout.ref_logprobs`, the pefrl engine)."""
+    not score the reference itself (`Rollout.ref_logprobs`, the pefrl engine), and the critic forward only where
+    it did not score the values (`Rollout.values`)."""
     temperature, T = cfg.rollout.temperature, rollout.response_ids.shape[1]
     old, ref, values, entropy = [], [], [], []
     shared, chunk = models.critic == "shared", cfg.model.logits_chunk_size
-    policy_pass = rollout.logprobs is None or (uses_critic and shared)
+    critic_pass = uses_critic and rollout.values is None
+    policy_pass = rollout.logprobs is None or (critic_pass and shared)
     reference_pass = rollout.ref_logprobs is None
     pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (b, t) -> (b, T)
     for idx in torch.arange(len(rollout.response_ids)).split(cfg.rl.micro_batch_size):
         ids, mask, P = _micro_inputs(rollout, idx)
         if policy_pass:
-            lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=uses_critic and shared,
+            lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=critic_pass and shared,
                                         chunk_size=chunk)
             old.append(pad(lp))
             entropy.append(pad(ent))
         if reference_pass:
             ref.append(pad(reference_logprobs(models, ids, mask, P, temperature, chunk_size=chunk)))
-        if uses_critic:
+        if critic_pass:
             values.append(pad(v if shared else critic_values(models, ids, mask, P)))
     response_mask = rollout.response_mask
     logprobs, entropy = (torch.cat(old), torch.cat(entropy)) if policy_pass else (rollout.logprobs, rollout.entropy)
@@ -290,7 +295,7 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
         policy_logprobs=policy_logprobs,
         ref_logprobs=(torch.cat(ref) if reference_pass else rollout.ref_logprobs) * response_mask,
         scores=scores,
-        values=torch.cat(values) * response_mask if uses_critic else None,
+        values=(torch.cat(values) if critic_pass else rollout.values) * response_mask if uses_critic else None,
         num_samples=cfg.rollout.num_samples,
     )
     return batch, entropy

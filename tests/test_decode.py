@@ -5,7 +5,7 @@ import torch
 
 from pefrl import decode
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
-from pefrl.models import CRITIC, load_models, load_tokenizer, policy_forward, reference_logprobs
+from pefrl.models import CRITIC, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs
 from pefrl.rollout import generate
 
 from test_models import model_dirs  # noqa: F401  (module-scoped fixture: tiny models saved to tmp dirs)
@@ -95,3 +95,26 @@ def test_unsupported_models_fall_back_or_fail_clearly(model_dirs):
         generate(models, tok, PROMPTS, RolloutConfig(max_new_tokens=4, engine="pefrl"))
     auto = generate(models, tok, PROMPTS, RolloutConfig(max_new_tokens=4), with_reference=True)
     assert auto.ref_logprobs is None and auto.logprobs is not None  # transformers' generate ran
+
+
+@pytest.mark.parametrize("critic", ["adapter", "shared"])
+def test_values_scored_while_sampling_equal_the_critic_forward(model_dirs, critic):
+    cfg = ModelConfig(name_or_path=model_dirs["llama"], critic=critic)
+    models = load_models(cfg, LoraConfig(r=4), uses_critic=True)
+    tok = load_tokenizer(cfg)
+    with torch.no_grad():
+        for i, (n, p) in enumerate(models.model.named_parameters()):
+            if "lora_B" in n:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(i))
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    s = decode.sample(models, enc.input_ids, enc.attention_mask, RolloutConfig(max_new_tokens=6), eos_ids=[],
+                      pad_id=tok.pad_token_id, with_reference=True, with_values=True)
+    ids = torch.cat([enc.input_ids, s.tokens], 1)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(s.tokens)], 1)
+    P = enc.input_ids.shape[1]
+    with torch.no_grad():
+        values = critic_values(models, ids, mask, P)
+        logprobs, _, _ = policy_forward(models, ids, mask, P, 1.0)
+    torch.testing.assert_close(s.values, values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.logprobs, logprobs, rtol=0, atol=1e-5)  # critic rows did not disturb the policy
+    assert s.values.std() > 0
