@@ -282,7 +282,7 @@ def generate(
     prompt_ids: the prompts' exact token ids (e.g. a multi-turn context that must not be re-encoded); then
     `prompts` is not encoded. `generator` seeds the sampling: the same seed gives the same samples.
     with_reference: also score the sampled tokens under the reference (Rollout.ref_logprobs) where the pefrl
-    engine runs; elsewhere it is left None. with_values: likewise the critic's values (Rollout.values).
+    engine runs; elsewhere it is left None. with_values: likewise the shared critic's values (Rollout.values).
     """
     model = models.model
     device = next(model.parameters()).device

@@ -243,7 +243,7 @@ def _play(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, ro
     prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != cfg.data.prompt_field}
     rollout = generate(models, tokenizer, prompts, rollout_cfg, with_reference=scores_too,
-                       with_values=scores_too and models.value_head is not None)
+                       with_values=scores_too and models.critic == "shared")  # a critic adapter: its own forward
     return texts, rollout, columns
 
 

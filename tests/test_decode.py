@@ -97,9 +97,8 @@ def test_unsupported_models_fall_back_or_fail_clearly(model_dirs):
     assert auto.ref_logprobs is None and auto.logprobs is not None  # transformers' generate ran
 
 
-@pytest.mark.parametrize("critic", ["adapter", "shared"])
-def test_values_scored_while_sampling_equal_the_critic_forward(model_dirs, critic):
-    cfg = ModelConfig(name_or_path=model_dirs["llama"], critic=critic)
+def test_shared_critic_values_scored_while_sampling_equal_the_critic_forward(model_dirs):
+    cfg = ModelConfig(name_or_path=model_dirs["llama"], critic="shared")
     models = load_models(cfg, LoraConfig(r=4), uses_critic=True)
     tok = load_tokenizer(cfg)
     with torch.no_grad():
@@ -118,3 +117,7 @@ def test_values_scored_while_sampling_equal_the_critic_forward(model_dirs, criti
     torch.testing.assert_close(s.values, values, rtol=0, atol=1e-5)
     torch.testing.assert_close(s.logprobs, logprobs, rtol=0, atol=1e-5)  # critic rows did not disturb the policy
     assert s.values.std() > 0
+    models.critic = "adapter"
+    with pytest.raises(ValueError, match="need the shared critic"):
+        decode.sample(models, enc.input_ids, enc.attention_mask, RolloutConfig(max_new_tokens=2), [],
+                      tok.pad_token_id, with_values=True)
