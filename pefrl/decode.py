@@ -211,8 +211,8 @@ def _row_groups(models: Models, B: int, with_reference: bool) -> Groups:
 
     A critic adapter gets no rows of its own: measured on SmolLM2-135M (CPU, scripts/bench_decode.py), B more
     decode rows cost 1.37 s per rollout against 1.19 s for the separate critic forward they would replace, while
-    the reference rows cost 1.16 s against 1.63 s (decode steps are less efficient matmuls than one batched
-    forward, which only the reference's lm_head work outweighs)."""
+    the reference rows cost 1.16 s against 1.63 s. On GPUs, where decode is bound by weight reads, extra rows
+    should cost less still; not measured here."""
     groups: Groups = [(slice(0, B), POLICY)]
     if with_reference:
         groups.append((slice(B, 2 * B), models.reference))
