@@ -30,6 +30,7 @@ from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from pefrl.config import RolloutConfig
 from pefrl.models import POLICY, LogitsHead, Models
+from pefrl.ops.logprobs import epsilon_mixture, step_policy
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -188,11 +189,9 @@ def _choose(z: torch.Tensor, cfg: RolloutConfig, ids: torch.Tensor) -> tuple[tor
     scores = LogitsProcessorList(warpers)(ids, z) if warpers else z  # (B, V), filtered tokens at -inf
     if cfg.top_k == 1 and cfg.epsilon == 0:
         return scores.argmax(-1), None  # greedy: sampling a one-hot distribution, without drawing
-    probs = torch.softmax(scores, dim=-1)
     if cfg.epsilon == 0:
-        return _draw(probs), None
-    allowed = torch.isfinite(scores)  # (B, V)
-    mixture = (1 - cfg.epsilon) * probs + cfg.epsilon * allowed / allowed.sum(-1, keepdim=True)
+        return _draw(torch.softmax(scores, dim=-1)), None
+    mixture = epsilon_mixture(scores, cfg.epsilon)  # (B, V)
     tokens = _draw(mixture)
     return tokens, mixture.gather(-1, tokens[:, None]).squeeze(-1).log()
 
@@ -255,13 +254,12 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
         if with_values:
             out["values"].append(models.value_head(hidden[:B]))  # (B,): the policy's own hidden states
         z = logits[:B].float() / cfg.temperature  # (B, V)
-        logprobs = torch.log_softmax(z, dim=-1)
+        logprobs, entropy = step_policy(z, 1.0)  # z is already tempered
         tokens, behaviour = _choose(z, cfg, generated)
         tokens = tokens.masked_fill(finished, pad_id)  # finished rows keep emitting pad, as generate does
         out["tokens"].append(tokens)
         out["logprobs"].append(logprobs.gather(-1, tokens[:, None]).squeeze(-1))
-        p = logprobs.exp()
-        out["entropy"].append(-torch.where(p > 0, p * logprobs, torch.zeros_like(p)).sum(-1))
+        out["entropy"].append(entropy)
         if behaviour is not None:
             out["behaviour"].append(behaviour)
         if with_reference:

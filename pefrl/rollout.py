@@ -31,6 +31,7 @@ from transformers import (
 from pefrl import decode
 from pefrl.config import RolloutConfig
 from pefrl.models import POLICY, Models, use_adapter
+from pefrl.ops.logprobs import epsilon_mixture, step_policy
 
 
 @dataclass
@@ -94,9 +95,8 @@ class RecordPolicy(LogitsProcessor):
             self._last = None
 
     def _policy(self, scores: torch.Tensor) -> torch.Tensor:
-        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
-        p = logprobs.exp()
-        self.entropy.append(-torch.where(p > 0, p * logprobs, torch.zeros_like(p)).sum(-1))  # (B,)
+        logprobs, entropy = step_policy(scores, self.temperature)  # (B, V), (B,)
+        self.entropy.append(entropy)
         return logprobs
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -139,10 +139,7 @@ class EpsilonGreedy(RecordPolicy):
         self.policy(input_ids, scores)
         self.record(input_ids[:, -1])
         scores = self.warpers(input_ids, scores.float())  # (B, V), filtered tokens at -inf
-        allowed = torch.isfinite(scores)  # (B, V)
-        uniform = allowed / allowed.sum(-1, keepdim=True)  # (B, V)
-        mixture = (1 - self.epsilon) * torch.softmax(scores, dim=-1) + self.epsilon * uniform
-        self._last = torch.log(mixture)  # log 0 = -inf keeps filtered tokens unsampleable
+        self._last = torch.log(epsilon_mixture(scores, self.epsilon))  # log 0 = -inf: filtered stay unsampleable
         return self._last
 
 
@@ -290,9 +287,8 @@ def generate(
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     P = query_ids.shape[1]
     eos_ids = _eos_ids(models, tokenizer)
-    c = rollout_cfg
     stopping = StopOnStrings(tokenizer, rollout_cfg.stop, P) if rollout_cfg.stop else None
-    lean = use_pefrl_engine(models, c)
+    lean = use_pefrl_engine(models, rollout_cfg)
     seed = _seed_from(generator)
     was_training = model.training
     model.eval()
@@ -302,12 +298,12 @@ def generate(
             if seed is not None:
                 torch.manual_seed(seed)
             if lean:
-                out = decode.sample(models, query_ids, query_mask, c, eos_ids, tokenizer.pad_token_id, stopping,
-                                    with_reference, with_values)
+                out = decode.sample(models, query_ids, query_mask, rollout_cfg, eos_ids, tokenizer.pad_token_id,
+                                    stopping, with_reference, with_values)
                 sampled = out.tokens
             else:
-                sampled, recorder, explore = _hf_generate(models, query_ids, query_mask, c, tokenizer, eos_ids,
-                                                          stopping)
+                sampled, recorder, explore = _hf_generate(models, query_ids, query_mask, rollout_cfg, tokenizer,
+                                                          eos_ids, stopping)
     finally:
         model.train(was_training)
     # 2. cut each response at its end: first EOS (kept) or the token completing a stop string (kept)

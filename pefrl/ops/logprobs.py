@@ -106,6 +106,23 @@ def chunked_logprobs(
     return out_logprobs, (torch.cat(entropies).reshape(B, T) if with_entropy else None)
 
 
+def step_policy(scores: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's tempered policy: (log_softmax(scores / temperature) (B, V) fp32, entropy (B,)).
+    Both samplers record these (rollout.RecordPolicy for HF generate, decode.sample)."""
+    logprobs = torch.log_softmax(scores.float() / temperature, dim=-1)  # (B, V)
+    p = logprobs.exp()
+    entropy = -torch.where(p > 0, p * logprobs, torch.zeros_like(p)).sum(-1)  # 0 * -inf counts as 0
+    return logprobs, entropy
+
+
+def epsilon_mixture(scores: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """(1 - epsilon) * softmax(scores) + epsilon * uniform over the allowed tokens (those with a finite score),
+    (B, V). Filtered tokens keep probability 0, so log() of it keeps them unsampleable."""
+    allowed = torch.isfinite(scores)  # (B, V)
+    uniform = allowed / allowed.sum(-1, keepdim=True)
+    return (1 - epsilon) * torch.softmax(scores, dim=-1) + epsilon * uniform
+
+
 def dense_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Reference implementation (materializes the fp32 log-softmax); for tests and tiny vocabularies."""
     return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
