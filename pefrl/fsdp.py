@@ -146,14 +146,13 @@ def _run_root_first(lm: nn.Module, device: torch.device) -> None:
 
 
 def check_engine(models: Models, rollout_cfg) -> None:
-    """Raise if rollout.engine would sample with pefrl's lean decoder (pefrl/decode.py) from the sharded base:
-    it reads each layer's weights directly, never through the layer's forward where FSDP gathers them, and would
-    fail with "mixed torch.Tensor and DTensor". Call after shard_models."""
+    """At setup rather than at the first rollout: raise if rollout.engine is 'pefrl' on the sharded base. The lean
+    decoder (pefrl/decode.py) reads each layer's weights directly, never through the layer's forward where FSDP
+    gathers them; `decode.unsupported_reason` names the sharded base, so 'auto' falls back to transformers'
+    generate and 'pefrl' raises. Call after shard_models."""
     from pefrl.rollout import use_pefrl_engine
 
-    if use_pefrl_engine(models, rollout_cfg):  # 'pefrl' raises itself once decode names sharded bases
-        raise ValueError(f"rollout.engine={rollout_cfg.engine} picks pefrl's lean decoder, which cannot read a "
-                         "sharded base: set rollout.engine=transformers under FSDP")
+    use_pefrl_engine(models, rollout_cfg)
 
 
 def sharded_numel(param: torch.Tensor) -> tuple[int, int]:
