@@ -271,7 +271,8 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
     policy_pass = rollout.logprobs is None or (critic_pass and shared)
     reference_pass = rollout.ref_logprobs is None
     pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (b, t) -> (b, T)
-    for idx in torch.arange(len(rollout.response_ids)).split(cfg.rl.micro_batch_size):
+    any_pass = policy_pass or reference_pass or critic_pass  # the pefrl engine usually leaves nothing to do
+    for idx in torch.arange(len(rollout.response_ids)).split(cfg.rl.micro_batch_size) if any_pass else ():
         ids, mask, P = _micro_inputs(rollout, idx)
         if policy_pass:
             lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=critic_pass and shared,
