@@ -30,7 +30,7 @@ from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from pefrl.config import RolloutConfig
 from pefrl.models import POLICY, LogitsHead, Models
-from pefrl.ops.logprobs import epsilon_mixture, step_policy
+from pefrl.ops.logprobs import epsilon_mixture, step_policy, tempered
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -79,6 +79,32 @@ def _linear(module: nn.Module, x: torch.Tensor, groups: Groups) -> torch.Tensor:
             A, B = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
             y[rows].add_(F.linear(F.linear(x[rows], A), B), alpha=module.scaling[name])
     return y
+
+
+def _store_input_major(lm: nn.Module) -> None:
+    """Keep each projection's base weight W (out, in) in memory as its transpose (in, out), seen through .t():
+    same parameter, shape and values, so every other reader (HF forward, peft, saving) sees the same W.
+
+    Why: on the few rows of a decode step x @ W.T is bound by reading W, and MKL streams an (in, out)-major W
+    faster. Measured on this project's CPU (1 thread, the 30 x 7 projection shapes of SmolLM2-135M, random
+    weights too large for the caches, ms for all of them): 16 rows 76 -> 65, 32 rows 97 -> 80; at the 464 rows
+    of an update 754 vs 765 forward and 739 vs 738 backward, i.e. no change where the batch is large. A whole
+    SmolLM2 rollout with reference rows (16 x 24 tokens): 4.52 -> 3.87 CPU s. CUDA weights are left as they
+    are (not measured there). Idempotent: a weight already stored this way is skipped.
+
+    The transpose is written back into the weight's own storage (one layer's weight of scratch at a time), so no
+    memory is added: a fresh copy would leave the old pages resident, e.g. the copy-on-write mapping of the
+    safetensors file transformers loads from, +425 MiB peak RSS on SmolLM2."""
+    for layer in lm.model.layers:
+        for path in _PROJECTIONS:
+            module = layer.get_submodule(path)
+            weight = getattr(module, "base_layer", module).weight
+            if weight.device.type != "cpu" or not weight.is_contiguous() or min(weight.shape) == 1:
+                continue
+            out_features, in_features = weight.shape
+            flat = weight.data.view(-1)  # the storage, row-major (out, in)
+            flat.copy_(weight.data.t().contiguous().view(-1))  # now row-major (in, out)
+            weight.data = flat.view(in_features, out_features).t()  # (out, in) again, strides (1, out)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -231,6 +257,7 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
     loop ends when every row has. Sampling draws from the global torch RNG, as `generate` does.
     """
     lm = models.model.get_base_model()
+    _store_input_major(lm)
     head = LogitsHead(lm)
     B, P = query_ids.shape
     if with_values and models.critic != "shared":
@@ -253,7 +280,7 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
         logits = head(hidden)  # (R, V)
         if with_values:
             out["values"].append(models.value_head(hidden[:B]))  # (B,): the policy's own hidden states
-        z = logits[:B].float() / cfg.temperature  # (B, V)
+        z = tempered(logits[:B], cfg.temperature)  # (B, V)
         logprobs, entropy = step_policy(z, 1.0)  # z is already tempered
         tokens, behaviour = _choose(z, cfg, generated)
         tokens = tokens.masked_fill(finished, pad_id)  # finished rows keep emitting pad, as generate does
@@ -263,7 +290,7 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
         if behaviour is not None:
             out["behaviour"].append(behaviour)
         if with_reference:
-            ref = torch.log_softmax(logits[B:].float() / cfg.temperature, dim=-1)  # (B, V)
+            ref = torch.log_softmax(tempered(logits[B:], cfg.temperature), dim=-1)  # (B, V)
             out["ref"].append(ref.gather(-1, tokens[:, None]).squeeze(-1))
         generated = torch.cat([generated, tokens[:, None]], dim=1)  # (B, P + t + 1)
         finished |= torch.isin(tokens, eos)

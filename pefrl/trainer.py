@@ -224,9 +224,11 @@ def _step_record(run: Run, step: int, batch: RolloutBatch, entropy: torch.Tensor
         "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
         "kl": accelerator.reduce(kl_seq.mean(), "mean").item(),
         "kl_coef": kl_coef,
-        "entropy": masked_mean(entropy, batch.response_mask).item(),
         "response_length": batch.response_mask.sum(-1).mean().item(),
         **stats,  # targets, update (policy_loss, value_loss, ...), rewards per function, episode stats
+        # the sampling policy's, over the rollout's tokens, for every algorithm; not the update's, which only
+        # exists when an entropy bonus needs it
+        "entropy": masked_mean(entropy, batch.response_mask).item(),
         "lr": run.scheduler.get_last_lr()[0],
     }
 
@@ -362,7 +364,9 @@ def _backward(models: Models, algo: Algorithm, mb: dict[str, torch.Tensor], inpu
     logprobs, entropy, shared_values = policy_forward(models, ids, mask, P, cfg.rollout.temperature,
                                                       with_values=algo.uses_critic and shared,
                                                       chunk_size=cfg.model.logits_chunk_size,
-                                                      entropy_grad=cfg.rl.entropy_coef > 0)
+                                                      with_entropy=cfg.rl.entropy_coef > 0)
+    if entropy is None:  # no bonus, so no (b, T, V) softmax passes for it; the step logs the sampling entropy
+        entropy = torch.zeros_like(logprobs)
     loss, stats = algo.loss(mb, logprobs, values if values is not None else shared_values, entropy, *loss_args)
     (loss * scale).backward()
     return stats

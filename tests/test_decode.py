@@ -121,3 +121,23 @@ def test_shared_critic_values_scored_while_sampling_equal_the_critic_forward(mod
     with pytest.raises(ValueError, match="need the shared critic"):
         decode.sample(models, enc.input_ids, enc.attention_mask, RolloutConfig(max_new_tokens=2), [],
                       tok.pad_token_id, with_values=True)
+
+
+def test_sampling_stores_projection_weights_input_major_in_place(model_dirs):
+    """The sampler re-lays each projection weight out as (in, out)-major in its own storage: same parameter,
+    shape and values, no new memory; the HF forward gives the same logprobs; a second call changes nothing."""
+    models, tok = _setup(model_dirs["llama"])
+    lm = models.model.get_base_model()
+    q = lm.model.layers[0].self_attn.q_proj.base_layer.weight
+    before, ptr, n_params = q.detach().clone(), q.data_ptr(), len(list(models.model.parameters()))
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = enc.input_ids, enc.attention_mask
+    with torch.no_grad():
+        logprobs_before = policy_forward(models, ids, mask, 2, 1.0)[0]
+    _sample(models, tok, RolloutConfig(max_new_tokens=2))
+    assert q.stride() == (1, q.shape[0]) and q.data_ptr() == ptr and torch.equal(q, before)
+    assert q is lm.model.layers[0].self_attn.q_proj.base_layer.weight and len(list(models.model.parameters())) == n_params
+    with torch.no_grad():
+        torch.testing.assert_close(policy_forward(models, ids, mask, 2, 1.0)[0], logprobs_before, rtol=0, atol=1e-5)
+    decode._store_input_major(lm)
+    assert q.stride() == (1, q.shape[0]) and torch.equal(q, before)

@@ -119,15 +119,28 @@ def test_separate_critic_backward_gives_the_joint_gradients(tmp_path, algo):
         torch.testing.assert_close(torch.as_tensor(stats[k]), torch.as_tensor(v), rtol=1e-5, atol=1e-6)
 
 
-def test_entropy_without_a_bonus_stays_out_of_the_graph(tmp_path):
-    """entropy_grad=False (the trainer's choice when rl.entropy_coef is 0): same entropy values, no grad_fn, so
-    its (B, T, V) softmax is not kept for backward; the logprobs keep theirs."""
-    cfg = load_config("recipes/configs/arithmetic_grpo.yaml", [f"output_dir={tmp_path}"])
-    models = setup(cfg).models
-    ids = torch.randint(3, 40, (2, 8), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    lp, ent, _ = policy_forward(models, ids, mask, 3, 1.0)
-    lp_off, ent_off, _ = policy_forward(models, ids, mask, 3, 1.0, entropy_grad=False)
-    assert ent.grad_fn is not None and ent_off.grad_fn is None and lp_off.grad_fn is not None
-    torch.testing.assert_close(ent_off, ent.detach(), rtol=0, atol=0)
+def test_without_an_entropy_bonus_the_update_skips_the_entropy(tmp_path):
+    """rl.entropy_coef 0: policy_forward(with_entropy=False) returns no entropy and the same logprobs, and
+    _backward's gradients equal those of the loss with the entropy computed (its coefficient is 0)."""
+    cfg = load_config("recipes/configs/arithmetic_grpo.yaml", [f"output_dir={tmp_path}", "rl.entropy_coef=0"])
+    run = setup(cfg)
+    models = run.models
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 40, (2, 8), generator=g)
+    mask, P = torch.ones_like(ids), 3
+    lp, ent, _ = policy_forward(models, ids, mask, P, 1.0)
+    lp_off, ent_off, _ = policy_forward(models, ids, mask, P, 1.0, with_entropy=False)
+    assert ent_off is None and ent.grad_fn is not None and lp_off.grad_fn is not None
     torch.testing.assert_close(lp_off, lp, rtol=0, atol=0)
+
+    T = ids.shape[1] - P
+    mb = {"response_mask": torch.ones(2, T), "logprobs": lp.detach() - 0.1, "ref_logprobs": lp.detach() - 0.2,
+          "advantages": torch.randn(2, T, generator=g)}
+    loss, _ = run.algo.loss(mb, lp, None, ent, cfg.rl, 0.05, cfg.max_policy_tokens)
+    params = [p for p in run.params if p.requires_grad]
+    expected = torch.autograd.grad(loss, params, allow_unused=True)
+    _backward(models, run.algo, mb, (ids, mask, P), cfg, 0.05, 1.0)
+    used = [(p.grad, e) for p, e in zip(params, expected) if e is not None]
+    assert used and any(e.abs().sum() > 0 for _, e in used)
+    for grad, e in used:
+        torch.testing.assert_close(grad, e, rtol=1e-5, atol=1e-7)

@@ -18,9 +18,14 @@ from torch.utils.checkpoint import checkpoint
 _ROW_CHUNK = 4096  # rows (positions) upcast to fp32 at once in the logits-based functions
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in fp32; at temperature 1 no (N, V) copy is made for fp32 logits."""
+    return logits.float() if temperature == 1.0 else logits.float() / temperature
+
+
 def _row_stats(logits: torch.Tensor, tokens: torch.Tensor | None, temperature: float, with_entropy: bool):
     """logprobs at `tokens` and entropy of softmax(logits / temperature) for a (N, V) chunk, in fp32."""
-    z = logits.float() / temperature  # (N, V)
+    z = tempered(logits, temperature)  # (N, V)
     lse = torch.logsumexp(z, dim=-1)  # (N,)
     logprobs = None
     if tokens is not None:
@@ -109,7 +114,7 @@ def chunked_logprobs(
 def step_policy(scores: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step's tempered policy: (log_softmax(scores / temperature) (B, V) fp32, entropy (B,)).
     Both samplers record these (rollout.RecordPolicy for HF generate, decode.sample)."""
-    logprobs = torch.log_softmax(scores.float() / temperature, dim=-1)  # (B, V)
+    logprobs = torch.log_softmax(tempered(scores, temperature), dim=-1)  # (B, V)
     p = logprobs.exp()
     entropy = -torch.where(p > 0, p * logprobs, torch.zeros_like(p)).sum(-1)  # 0 * -inf counts as 0
     return logprobs, entropy
