@@ -33,11 +33,12 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from pefrl.config import LoraConfig, ModelConfig
-from pefrl.ops.logprobs import chunked_logprobs, entropy_from_logits, selective_logprobs
+from pefrl.ops.logprobs import chunked_logprobs, entropy_from_logits, linear_logprobs, selective_logprobs
 
 
 POLICY, CRITIC, REFERENCE = "policy", "critic", "reference"
@@ -406,6 +407,12 @@ class LogitsHead(nn.Module):
         self.scale = getattr(cfg, "logit_scale", None)
         self.divide = getattr(cfg, "logits_scaling", None)
 
+    def is_plain_linear(self) -> bool:
+        """logits = hidden @ weight^T exactly: an unwrapped, bias-free nn.Linear and no post-processing."""
+        plain = type(self.lm_head) is nn.Linear and self.lm_head.bias is None
+        plain = plain and not isinstance(self.lm_head.weight, DTensor)  # FSDP-sharded: only its forward gathers
+        return plain and self.scale is None and self.divide is None and self.softcap is None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         if self.scale is not None:
@@ -422,6 +429,11 @@ def _logprobs(models: Models, hidden: torch.Tensor, tokens: torch.Tensor, temper
     lm_head = LogitsHead(_lm(models))
     if chunk_size is not None:
         return chunked_logprobs(hidden, lm_head, tokens, temperature, chunk_size, with_entropy)
+    if not with_entropy and lm_head.is_plain_linear():
+        B, T, H = hidden.shape
+        logprobs = linear_logprobs(hidden.reshape(B * T, H), lm_head.lm_head.weight, tokens.reshape(B * T),
+                                   temperature)  # (B * T,)
+        return logprobs.reshape(B, T), None
     logits = lm_head(hidden)  # (B, T, V)
     entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return selective_logprobs(logits, tokens, temperature), entropy

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from pefrl.ops.logprobs import chunked_logprobs, dense_logprobs, entropy_from_logits, selective_logprobs
+from pefrl.ops import logprobs as ops
+from pefrl.ops.logprobs import (chunked_logprobs, dense_logprobs, entropy_from_logits, linear_logprobs,
+                                 selective_logprobs)
 
 
 def test_selective_logprobs_hand_worked():
@@ -90,3 +92,45 @@ def test_chunked_keeps_no_logits_for_backward():
 
     assert largest_saved(lambda: chunked_logprobs(hidden, head, tokens, 1.0, 4, True)) < 4 * V
     assert largest_saved(lambda: dense_logprobs(head(hidden), tokens)) >= B * T * V  # what it avoids
+
+
+def test_linear_logprobs_hand_worked():
+    # hidden [1, 0] against weight rows [0, 0], [ln 3, 0]: logits [0, ln 3] -> softmax [1/4, 3/4].
+    # d log p_1 / d hidden = w_1 - sum_v p_v w_v = [ln 3, 0] - 3/4 [ln 3, 0] = [ln 3 / 4, 0]
+    hidden = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    weight = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    lp = linear_logprobs(hidden, weight, torch.tensor([1]))
+    assert lp.item() == pytest.approx(math.log(0.75))
+    lp.sum().backward()
+    torch.testing.assert_close(hidden.grad, torch.tensor([[math.log(3.0) / 4, 0.0]]))
+
+
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 0.7)])
+def test_linear_logprobs_equal_autograd_through_the_head(dtype, temperature, monkeypatch):
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 3 * 13)  # row chunks of 3: the last one is short
+    torch.manual_seed(0)
+    N, H, V = 10, 6, 13
+    hidden = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+    tokens = torch.randint(0, V, (N,))
+    upstream = torch.randn(N)  # an arbitrary downstream loss, so every row's gradient matters
+
+    expected = dense_logprobs((hidden @ weight.t())[None], tokens[None], temperature)[0]
+    g_hidden, g_weight = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
+    lp = linear_logprobs(hidden, weight, tokens, temperature)
+    assert lp.dtype == torch.float32
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lp, expected, **tol)
+    got_hidden, got_weight = torch.autograd.grad((lp * upstream).sum(), (hidden, weight))
+    torch.testing.assert_close(got_hidden, g_hidden, **tol)
+    torch.testing.assert_close(got_weight, g_weight, **tol)
+
+
+def test_linear_logprobs_refuses_a_second_backward_and_bad_shapes():
+    hidden = torch.randn(4, 3, requires_grad=True)
+    lp = linear_logprobs(hidden, torch.randn(5, 3), torch.tensor([0, 1, 2, 4]))
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        lp.sum().backward()
+    with pytest.raises(ValueError, match="hidden must be"):
+        linear_logprobs(hidden[None], torch.randn(5, 3), torch.tensor([[0, 1, 2, 4]]))
