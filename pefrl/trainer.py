@@ -162,8 +162,10 @@ def train(
             with timer("score"):
                 scores, reward_stats = scorer(texts, rollout.completions, columns)
 
-        # 4. old logprobs, reference logprobs and values, without grad
+        # 4. old logprobs, reference logprobs and values, without grad (a critic adapter's values keep their
+        #    graph when the update's one pass covers the rollout: _values_for_one_pass)
         with timer("reference"):
+            values_graph = _values_for_one_pass(run, rollout) if algo.update is None else None
             batch, entropy = _no_grad_pass(models, rollout, scores.to(accelerator.device), cfg, algo.uses_critic)
 
         # 5. rewards and advantages
@@ -172,7 +174,10 @@ def train(
 
         # 6. update the adapters (and value head)
         with timer("train"):
-            train_stats = (algo.update or _update)(run, batch, targets, kl_coef, rollout)
+            if algo.update is not None:  # TRPO: its own update
+                train_stats = algo.update(run, batch, targets, kl_coef, rollout)
+            else:
+                train_stats = _update(run, batch, targets, kl_coef, rollout, values_graph)
         bad_steps = bad_steps + 1 if train_stats.get("skipped_updates", 0) else 0
         if bad_steps >= cfg.train.max_bad_steps:
             raise FloatingPointError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopping")
@@ -304,13 +309,39 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
     return batch, entropy
 
 
-def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rollout) -> dict[str, float]:
-    """Epochs x minibatches of optimizer steps; each minibatch is split into micro-batches for memory."""
+def _passes(cfg: Config, algo: Algorithm, n: int) -> tuple[int, int, int]:
+    """(epochs, minibatch size, micro-batch size) of the update of a rollout of n rows."""
+    epochs, mb_size = (1, n) if algo.single_update else (cfg.rl.epochs, cfg.rl.minibatch_size)
+    return epochs, mb_size, min(cfg.rl.micro_batch_size, mb_size)
+
+
+def _values_for_one_pass(run: Run, rollout: Rollout) -> torch.Tensor | None:
+    """The critic adapter's values (n, T) of the whole rollout WITH their graph, when the update's first
+    micro-batch will be the whole rollout (A2C, or PPO with rl.minibatch_size >= the rollout and no gradient
+    accumulation). That micro-batch's critic forward would be this one again (same rows, same parameters), so
+    the update reuses this graph instead and the no-grad critic forward is skipped: the old values are these,
+    detached, set as `rollout.values`. None (nothing done) in every other case."""
+    cfg, algo, models = run.cfg, run.algo, run.models
+    n = len(rollout.response_ids)
+    if not algo.uses_critic or models.critic != "adapter" or rollout.values is not None:
+        return None
+    if _passes(cfg, algo, n)[2] < n:
+        return None
+    ids, mask, P = _micro_inputs(rollout, torch.arange(n))
+    values = critic_values(models, ids, mask, P)  # (n, T'), T' <= T: trimmed like the update's inputs
+    rollout.values = torch.nn.functional.pad(values.detach(), (0, rollout.response_ids.shape[1] - values.shape[1]))
+    return values
+
+
+def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rollout,
+            values_graph: torch.Tensor | None = None) -> dict[str, float]:
+    """Epochs x minibatches of optimizer steps; each minibatch is split into micro-batches for memory.
+    values_graph: the critic's values of every row with their graph (_values_for_one_pass), used by the first
+    micro-batch, which then holds every row."""
     cfg, algo, models = run.cfg, run.algo, run.models
     tensors = loss_inputs(batch, targets)
     n = len(batch.response_mask)
-    epochs, mb_size = (1, n) if algo.single_update else (cfg.rl.epochs, cfg.rl.minibatch_size)
-    micro = min(cfg.rl.micro_batch_size, mb_size)
+    epochs, mb_size, micro = _passes(cfg, algo, n)
     totals: dict[str, float] = {}
     count, skipped = 0, 0
     for _ in range(epochs):
@@ -320,7 +351,10 @@ def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rol
                 ids, mask, P = _micro_inputs(rollout, micro_idx)
                 T = ids.shape[1] - P
                 mb = {k: v[micro_idx, :T] for k, v in tensors.items()}  # (b, T) trimmed like the inputs
-                stats = _backward(models, algo, mb, (ids, mask, P), cfg, kl_coef, len(micro_idx) / len(mb_idx))
+                values = values_graph[micro_idx] if values_graph is not None else None  # (n, T) in this order
+                values_graph = None  # one use: later passes see updated parameters
+                stats = _backward(models, algo, mb, (ids, mask, P), cfg, kl_coef, len(micro_idx) / len(mb_idx),
+                                  values)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * len(micro_idx) / len(mb_idx)
             count += 1
@@ -343,8 +377,9 @@ def _micro_inputs(rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _backward(models: Models, algo: Algorithm, mb: dict[str, torch.Tensor], inputs: tuple, cfg: Config,
-              kl_coef: float, scale: float) -> dict[str, Any]:
-    """Forward, loss and backward (loss * scale) of one micro-batch -> its stats.
+              kl_coef: float, scale: float, values: torch.Tensor | None = None) -> dict[str, Any]:
+    """Forward, loss and backward (loss * scale) of one micro-batch -> its stats. values: the critic adapter's
+    values of these rows with their graph, when already computed (_values_for_one_pass).
 
     With a critic adapter the critic runs and backpropagates first, and its graph is freed before the policy's
     forward: the policy and value terms touch disjoint parameters and the advantages are fixed, so two backward
@@ -355,9 +390,8 @@ def _backward(models: Models, algo: Algorithm, mb: dict[str, torch.Tensor], inpu
     ids, mask, P = inputs
     loss_args = (cfg.rl, kl_coef, cfg.max_policy_tokens)
     shared = models.critic == "shared"
-    values = None
     if algo.uses_critic and not shared:
-        values = critic_values(models, ids, mask, P)  # (b, T)
+        values = critic_values(models, ids, mask, P) if values is None else values  # (b, T)
         loss, _ = algo.loss(mb, mb["logprobs"], values, torch.zeros_like(values), *loss_args)
         (loss * scale).backward()
         values = values.detach()

@@ -144,3 +144,32 @@ def test_without_an_entropy_bonus_the_update_skips_the_entropy(tmp_path):
     assert used and any(e.abs().sum() > 0 for _, e in used)
     for grad, e in used:
         torch.testing.assert_close(grad, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("algo", ["a2c", "ppo"])
+def test_a_one_pass_update_reuses_the_critic_forward(tmp_path, monkeypatch, algo):
+    """When the update's first micro-batch is the whole rollout, the critic adapter runs once per step, not
+    twice (no-grad values, then again with grad), and the step ends where the two-forward path ends."""
+    import pefrl.trainer as trainer
+
+    calls = []
+    real = trainer.critic_values
+    monkeypatch.setattr(trainer, "critic_values", lambda *a: calls.append(1) or real(*a))
+    common = ["train.steps=1", "data.eval_prompts=null", "rollout.batch_size=8", "rl.minibatch_size=8",
+              "rl.epochs=1", "model.critic=adapter"]
+
+    def one_step(name):
+        cfg = load_config(f"recipes/configs/arithmetic_{algo}.yaml", [f"output_dir={tmp_path / name}", *common])
+        run = setup(cfg)
+        calls.clear()
+        train(cfg, run=run)
+        return len(calls), [p.detach().clone() for p in run.params]
+
+    fused_calls, fused = one_step("fused")
+    monkeypatch.setattr(trainer, "_values_for_one_pass", lambda run, rollout: None)
+    plain_calls, plain = one_step("plain")
+    assert (fused_calls, plain_calls) == (1, 2)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(fused, [p.detach() for p in setup(load_config(
+        f"recipes/configs/arithmetic_{algo}.yaml", [f"output_dir={tmp_path / 'fresh'}", *common])).params]))
