@@ -149,14 +149,15 @@ def test_without_an_entropy_bonus_the_update_skips_the_entropy(tmp_path):
 @pytest.mark.parametrize("algo", ["a2c", "ppo"])
 def test_a_one_pass_update_reuses_the_critic_forward(tmp_path, monkeypatch, algo):
     """When the update's first micro-batch is the whole rollout, the critic adapter runs once per step, not
-    twice (no-grad values, then again with grad), and the step ends where the two-forward path ends."""
+    twice (no-grad values, then again with grad), and the step ends where the two-forward path ends (ppo with
+    gradient checkpointing: the kept graph is recomputed in the update, under the critic adapter)."""
     import pefrl.trainer as trainer
 
     calls = []
     real = trainer.critic_values
     monkeypatch.setattr(trainer, "critic_values", lambda *a: calls.append(1) or real(*a))
     common = ["train.steps=1", "data.eval_prompts=null", "rollout.batch_size=8", "rl.minibatch_size=8",
-              "rl.epochs=1", "model.critic=adapter"]
+              "rl.epochs=1", "model.critic=adapter", f"model.gradient_checkpointing={algo == 'ppo'}"]
 
     def one_step(name):
         cfg = load_config(f"recipes/configs/arithmetic_{algo}.yaml", [f"output_dir={tmp_path / name}", *common])
