@@ -20,7 +20,7 @@ transformers' `synced_gpus` mode (a rank whose sequences are done keeps stepping
 micro-batch counts are equal because batch sizes are per rank, and evaluation rows are trimmed to a multiple of
 the world size in setup. Multi-turn environments (episodes end after different numbers of turns per rank),
 quantized bases and TRPO (double backward through a retained graph) are refused by `check_fsdp`; pefrl's lean
-decoder, which reads layer weights directly, by `check_engine` (use rollout.engine=transformers).
+decoder, which reads layer weights directly, by `rollout.use_pefrl_engine` at setup (use rollout.engine=transformers).
 """
 
 from __future__ import annotations
@@ -143,16 +143,6 @@ def _run_root_first(lm: nn.Module, device: torch.device) -> None:
     # own forward fail later ("FSDP requires running forward through the root module first"): one token through
     # the LM settles the root now.
     lm(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
-
-
-def check_engine(models: Models, rollout_cfg) -> None:
-    """At setup rather than at the first rollout: raise if rollout.engine is 'pefrl' on the sharded base. The lean
-    decoder (pefrl/decode.py) reads each layer's weights directly, never through the layer's forward where FSDP
-    gathers them; `decode.unsupported_reason` names the sharded base, so 'auto' falls back to transformers'
-    generate and 'pefrl' raises. Call after shard_models."""
-    from pefrl.rollout import use_pefrl_engine
-
-    use_pefrl_engine(models, rollout_cfg)
 
 
 def sharded_numel(param: torch.Tensor) -> tuple[int, int]:

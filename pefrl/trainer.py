@@ -36,13 +36,13 @@ from pefrl.data import PromptStream, check_prompt_lengths, context_length, forma
 from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, play_rows, seed_rows
 from pefrl.envs import eval_rows as env_eval_rows
-from pefrl.fsdp import check_engine, check_fsdp, fsdp_requested, shard_models, trim_eval_rows
+from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
 from pefrl.ops.advantages import masked_mean
 from pefrl.ops.kl import kl_estimate, make_kl_controller
 from pefrl.rewards import Scorer, build_scorer
-from pefrl.rollout import Rollout, generate
+from pefrl.rollout import Rollout, generate, use_pefrl_engine
 
 
 @dataclass
@@ -84,7 +84,9 @@ def setup(
     models = load_models(cfg.model, cfg.lora, uses_critic=algo.uses_critic)
     if sharded:  # FSDP2: the base sharded over ranks, adapters and value head replicated (pefrl/fsdp.py)
         shard_models(models, accelerator.device)
-        check_engine(models, cfg.rollout)  # the lean decoder reads weights directly: not from a sharded base
+        # at setup, not at the first rollout: the lean decoder reads layer weights directly, never where FSDP
+        # gathers them, so engine 'pefrl' raises here naming the sharded base ('auto' falls back to generate)
+        use_pefrl_engine(models, cfg.rollout)
     models.model.to(accelerator.device)
     if models.value_head is not None:
         models.value_head.to(accelerator.device)
