@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 _ROW_CHUNK = 4096  # rows (positions) upcast to fp32 at once in the logits-based functions
+_CHUNK_ELEMENTS = 1 << 22  # linear_logprobs: logsumexp and backward on row chunks of at most this many (4M) logits
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -147,9 +148,6 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_hidden = z @ weight if ctx.needs_input_grad[0] else None  # (N, H)
         grad_weight = z.t() @ hidden if ctx.needs_input_grad[1] else None  # (V, H)
         return grad_hidden, grad_weight, None, None
-
-
-_CHUNK_ELEMENTS = 1 << 22  # logsumexp and backward work on row chunks of at most this many (4M) logits
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
