@@ -14,8 +14,8 @@ torch.set_num_threads(1)
 PROMPTS = ["1+2=", "33+44+5=", "the answer is", "7"]  # different lengths: left padding differs per row
 
 
-def _setup(model_dir, uses_critic=False):
-    cfg = ModelConfig(name_or_path=model_dir)
+def _setup(model_dir, uses_critic=False, critic="adapter"):
+    cfg = ModelConfig(name_or_path=model_dir, critic=critic)
     models = load_models(cfg, LoraConfig(r=4), uses_critic=uses_critic)
     with torch.no_grad():  # adapters that differ from the base and from each other
         for i, (n, p) in enumerate(models.model.named_parameters()):
@@ -98,13 +98,7 @@ def test_unsupported_models_fall_back_or_fail_clearly(model_dirs):
 
 
 def test_shared_critic_values_scored_while_sampling_equal_the_critic_forward(model_dirs):
-    cfg = ModelConfig(name_or_path=model_dirs["llama"], critic="shared")
-    models = load_models(cfg, LoraConfig(r=4), uses_critic=True)
-    tok = load_tokenizer(cfg)
-    with torch.no_grad():
-        for i, (n, p) in enumerate(models.model.named_parameters()):
-            if "lora_B" in n:
-                p.normal_(std=0.2, generator=torch.Generator().manual_seed(i))
+    models, tok = _setup(model_dirs["llama"], uses_critic=True, critic="shared")
     enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     s = decode.sample(models, enc.input_ids, enc.attention_mask, RolloutConfig(max_new_tokens=6), eos_ids=[],
                       pad_id=tok.pad_token_id, with_reference=True, with_values=True)
