@@ -36,6 +36,11 @@ class ModelConfig:
     critic: str = "adapter"
     """How the critic is built: 'adapter' (its own LoRA adapter 'critic' + value head) or 'shared' (value head
     on the policy's last hidden state: one forward gives logprobs and values, cheapest)."""
+    critic_layers: int | None = None
+    """With critic 'adapter': put the critic's LoRA on the top N decoder layers only. Below them the critic is
+    the frozen base, so its backward stops N layers from the top, and where the sampler runs the base as the
+    reference anyway (pefrl engine, no reference_adapter) its forward starts from the hidden states those rows
+    computed there: about N/L of a forward and backward instead of a whole one. Empty: every layer."""
     reference_adapter: str | None = None
     """A LoRA-SFT adapter directory. When set, it is loaded frozen as the reference AND as the policy's start, so
     the reference is the SFT model, not the raw base."""
@@ -54,6 +59,11 @@ class ModelConfig:
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.critic", self.critic, ("adapter", "shared"))
+        if self.critic_layers is not None:
+            _positive("model.critic_layers", self.critic_layers)
+            if self.critic != "adapter":
+                raise ConfigError(f"model.critic_layers needs model.critic: adapter (got {self.critic!r}): the "
+                                 "shared critic has no layers of its own")
         _choice("model.quantization", self.quantization, (None, "4bit", "8bit"))
         _choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
         if self.logits_chunk_size is not None:

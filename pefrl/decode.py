@@ -138,9 +138,10 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     return torch.matmul(torch.softmax(scores, dim=-1), values).view(R, heads, 1, D)
 
 
-def _layer(layer: nn.Module, h: torch.Tensor, cos, sin, cache: _Cache, i: int, start: int,
-           mask: torch.Tensor, groups: Groups) -> torch.Tensor:
-    """One decoder layer on h (R, L, H) at buffer positions start..start+L-1; writes its keys/values."""
+def _layer(layer: nn.Module, h: torch.Tensor, cos, sin, mask: torch.Tensor, groups: Groups,
+           cache: _Cache | None = None, i: int = 0, start: int = 0) -> torch.Tensor:
+    """One decoder layer on h (R, L, H) at positions start..start+L-1. With a cache it writes its keys/values
+    there and attends to everything cached before; without one, h is the whole sequence (start 0)."""
     attn, mlp = layer.self_attn, layer.mlp
     R, L, _ = h.shape
     D = attn.head_dim
@@ -148,10 +149,12 @@ def _layer(layer: nn.Module, h: torch.Tensor, cos, sin, cache: _Cache, i: int, s
     q = _linear(attn.q_proj, x, groups).view(R, L, -1, D).transpose(1, 2)  # (R, heads, L, D)
     k = _linear(attn.k_proj, x, groups).view(R, L, -1, D).transpose(1, 2)  # (R, kv_heads, L, D)
     v = _linear(attn.v_proj, x, groups).view(R, L, -1, D).transpose(1, 2)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    cache.keys[i][:, :, start : start + L] = k
-    cache.values[i][:, :, start : start + L] = v
-    keys, values = cache.keys[i][:, :, : start + L], cache.values[i][:, :, : start + L]  # (R, kv_heads, S', D)
+    q, keys = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    values = v
+    if cache is not None:
+        cache.keys[i][:, :, start : start + L] = keys
+        cache.values[i][:, :, start : start + L] = v
+        keys, values = cache.keys[i][:, :, : start + L], cache.values[i][:, :, : start + L]  # (R, kv_heads, S', D)
     out = _attention(q, keys, values, mask, attn.scaling)  # (R, heads, L, D)
     h = h + _linear(attn.o_proj, out.transpose(1, 2).reshape(R, L, -1), groups)
     x = layer.post_attention_layernorm(h)
@@ -159,24 +162,47 @@ def _layer(layer: nn.Module, h: torch.Tensor, cos, sin, cache: _Cache, i: int, s
     return h + _linear(mlp.down_proj, gate * _linear(mlp.up_proj, x, groups), groups)
 
 
+def _mask(key_mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """(R, 1, L, end) bool attention mask of queries at positions start..end-1 over keys 0..end-1: causal and
+    only to real keys (key_mask (R, >= end) bool)."""
+    query_pos = torch.arange(start, end, device=key_mask.device)  # (L,)
+    key_pos = torch.arange(end, device=key_mask.device)  # (S',)
+    causal = key_pos[None, :] <= query_pos[:, None]  # (L, S')
+    mask = key_mask[:, None, None, :end] & causal  # (R, 1, L, S')
+    # a left-padding query sees no valid key; letting it see itself keeps softmax finite (its output is unused)
+    return mask | (key_pos[None, :] == query_pos[:, None])
+
+
 def _forward(lm: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: _Cache, start: int,
-             groups: Groups) -> torch.Tensor:
+             groups: Groups, capture: tuple[int, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Last hidden state (R, H), after the final norm, of the L new tokens ids (R, L) placed at buffer positions
-    start..start+L-1: what the lm_head (logits) and the value head (values) read."""
-    L = ids.shape[1]
+    start..start+L-1: what the lm_head (logits) and the value head (values) read. capture (layer i, rows):
+    also return those rows' hidden states entering layer i, (rows, L, H); else None."""
     h = lm.model.embed_tokens(ids)  # (R, L, H)
     cos, sin = lm.model.rotary_emb(h, positions)  # (R, L, D) each
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    end = start + L
-    query_pos = torch.arange(start, end, device=ids.device)  # (L,)
-    key_pos = torch.arange(end, device=ids.device)  # (S',)
-    causal = key_pos[None, :] <= query_pos[:, None]  # (L, S')
-    mask = cache.key_mask[:, None, None, :end] & causal  # (R, 1, L, S')
-    # a left-padding query sees no valid key; letting it see itself keeps softmax finite (its output is unused)
-    mask = mask | (key_pos[None, :] == query_pos[:, None])
+    mask = _mask(cache.key_mask, start, start + ids.shape[1])  # (R, 1, L, S')
+    captured = None
     for i, layer in enumerate(lm.model.layers):
-        h = _layer(layer, h, cos, sin, cache, i, start, mask, groups)
-    return lm.model.norm(h[:, -1])  # (R, H)
+        if capture is not None and i == capture[0]:
+            captured = h[capture[1]]
+        h = _layer(layer, h, cos, sin, mask, groups, cache, i, start)
+    return lm.model.norm(h[:, -1]), captured  # (R, H)
+
+
+def upper_layers(lm: nn.Module, h: torch.Tensor, attention_mask: torch.Tensor, first: int,
+                 adapter: str | None) -> torch.Tensor:
+    """Decoder layers first.. and the final norm over whole sequences, under `adapter`, with autograd: the last
+    hidden states (R, L, H) of a model whose layers below `first` ran elsewhere. h (R, L, H): the hidden states
+    entering layer `first`; attention_mask (R, L), left padding as in generate (positions from the mask)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, L)
+    cos, sin = lm.model.rotary_emb(h, positions)  # (R, L, D) each
+    cos, sin = cos[:, None], sin[:, None]
+    mask = _mask(attention_mask.bool(), 0, h.shape[1])  # (R, 1, L, L)
+    groups = [(slice(0, len(h)), adapter)]
+    for layer in lm.model.layers[first:]:
+        h = _layer(layer, h, cos, sin, mask, groups)
+    return lm.model.norm(h)
 
 
 def _new_cache(lm: nn.Module, rows: int, size: int, like: torch.Tensor) -> _Cache:
@@ -204,6 +230,9 @@ class Sampled:
     """Logprob of each token under the reference (None unless asked)."""
     values: torch.Tensor | None
     """Critic value of the state before each token (None unless asked)."""
+    critic_inputs: torch.Tensor | None = None
+    """(B, P + T0 - 1, H): the reference rows' hidden states entering the critic adapter's first layer at every
+    position fed to the model (None unless asked and the reference rows run the base)."""
 
 
 def _choose(z: torch.Tensor, cfg: RolloutConfig, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -247,12 +276,14 @@ def _row_groups(models: Models, B: int, with_reference: bool) -> Groups:
 @torch.no_grad()
 def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cfg: RolloutConfig,
            eos_ids: list[int], pad_id: int, stopping=None, with_reference: bool = False,
-           with_values: bool = False) -> Sampled:
+           with_values: bool = False, with_critic_inputs: bool = False) -> Sampled:
     """Sample up to cfg.max_new_tokens tokens per row of the left-padded prompts query_ids (B, P).
 
     with_reference: also score every sampled token under the reference (B more rows). with_values: the value of
     the state before each token from the shared critic head on the policy rows' own hidden states (free); only
-    for model.critic == 'shared'.
+    for model.critic == 'shared'. with_critic_inputs: for a critic adapter on the top layers (model.critic_layers),
+    keep the hidden states entering its first layer from the reference rows, where those run the base (with
+    with_reference and no reference adapter): below that layer the critic is the base too.
     A row ends at EOS or when `stopping(ids, None)` flags it (transformers' StoppingCriteria interface); the
     loop ends when every row has. Sampling draws from the global torch RNG, as `generate` does.
     """
@@ -264,12 +295,17 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
         raise ValueError(f"values while sampling need the shared critic; critic is {models.critic!r}")
     groups = _row_groups(models, B, with_reference)
     copies = len(groups)
+    capture = None
+    if with_critic_inputs and with_reference and models.reference is None and models.critic_from is not None:
+        capture = (models.critic_from, slice(B, 2 * B))  # the reference rows
+    critic_inputs = []
     ids, mask = query_ids.repeat(copies, 1), query_mask.repeat(copies, 1)  # (copies * B, P)
     R, N = len(ids), cfg.max_new_tokens
     cache = _new_cache(lm, R, P + N, lm.model.embed_tokens.weight)
     cache.key_mask[:, :P] = mask.bool()
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, P): left padding does not shift positions
-    hidden = _forward(lm, ids, positions, cache, 0, groups)  # (R, H)
+    hidden, captured = _forward(lm, ids, positions, cache, 0, groups, capture)  # (R, H), (B, P, H)
+    critic_inputs.append(captured)
     next_pos = positions[:, -1:] + 1  # (R, 1)
     eos = torch.tensor(eos_ids, device=ids.device)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -299,8 +335,10 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
         if bool(finished.all()) or t == N - 1:
             break
         cache.key_mask[:, P + t] = True
-        hidden = _forward(lm, tokens.repeat(copies)[:, None], next_pos, cache, P + t, groups)  # (R, H)
+        hidden, captured = _forward(lm, tokens.repeat(copies)[:, None], next_pos, cache, P + t, groups,
+                                    capture)  # (R, H), (B, 1, H)
+        critic_inputs.append(captured)
         next_pos = next_pos + 1
     stack = lambda k: torch.stack(out[k], dim=1) if out[k] else None  # noqa: E731  (B, T0)
     return Sampled(stack("tokens"), stack("logprobs"), stack("entropy"), stack("behaviour"), stack("ref"),
-                   stack("values"))
+                   stack("values"), torch.cat(critic_inputs, dim=1) if capture is not None else None)

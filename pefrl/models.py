@@ -155,6 +155,9 @@ class Models:
     """'adapter' (own LoRA adapter 'critic' + head), 'shared' (head on the policy trunk) or 'none'."""
     reference: str | None
     """None: the reference is the base with adapters disabled; else the name of a frozen adapter."""
+    critic_from: int | None = None
+    """Index of the lowest decoder layer the critic adapter adapts (model.critic_layers); below it the critic is
+    the frozen base. None: the critic adapter covers every layer (or there is none)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Policy adapter, critic adapter and value head parameters: all the optimizer may touch."""
@@ -295,8 +298,12 @@ def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool)
     else:
         model = get_peft_model(base, copy.deepcopy(peft_cfg), adapter_name=POLICY)
     critic = model_cfg.critic if uses_critic else "none"
+    critic_from = None
     if critic == "adapter":
-        model.add_adapter(CRITIC, copy.deepcopy(peft_cfg))
+        critic_cfg = copy.deepcopy(peft_cfg)
+        if model_cfg.critic_layers is not None:
+            critic_from = _top_layers(base, model_cfg.critic_layers, critic_cfg)
+        model.add_adapter(CRITIC, critic_cfg)
     model.set_adapter(POLICY)
     if model_cfg.gradient_checkpointing:
         _enable_checkpointing(model)
@@ -307,7 +314,16 @@ def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool)
     if uses_critic:
         device = next(base.parameters()).device
         value_head = ValueHead(base.config.get_text_config().hidden_size).to(device)
-    return Models(model=model, value_head=value_head, critic=critic, reference=reference)
+    return Models(model=model, value_head=value_head, critic=critic, reference=reference, critic_from=critic_from)
+
+
+def _top_layers(base: PreTrainedModel, n: int, peft_cfg: PeftLoraConfig) -> int:
+    """Restrict peft_cfg to the top n decoder layers (peft's layers_to_transform) -> index of the lowest one."""
+    total = base.config.get_text_config().num_hidden_layers
+    if n > total:
+        raise ValueError(f"model.critic_layers is {n}, but this {base.config.model_type} has {total} layers")
+    peft_cfg.layers_to_transform = list(range(total - n, total))
+    return total - n
 
 
 def _enable_checkpointing(model: PeftModel) -> None:
@@ -466,10 +482,23 @@ def policy_forward(
     return logprobs, entropy, values
 
 
-def critic_values(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
-    """Values (B, T) of the states before each response token: critic adapter + head, or the shared head."""
+def critic_values(models: Models, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                  critic_inputs: torch.Tensor | None = None):
+    """Values (B, T) of the states before each response token: critic adapter + head, or the shared head.
+
+    critic_inputs: (B, L - 1, H), the base's hidden states entering layer `models.critic_from` at positions 0..L-2 of
+    input_ids (B, L) (Rollout.critic_inputs, from the sampler's reference rows). Below that layer the critic is
+    the base, so the forward starts there: only the critic's own layers run (pefrl.decode.upper_layers)."""
     if models.value_head is None:
         raise ValueError("these models have no critic (load_models(..., uses_critic=False))")
+    if critic_inputs is not None:
+        from pefrl.decode import upper_layers  # decode imports this module
+
+        if models.critic_from is None:
+            raise ValueError("critic_inputs need a critic on the top layers (model.critic_layers)")
+        mask = attention_mask[:, :-1]  # (B, L - 1): the last position predicts nothing a value is read for
+        hidden = upper_layers(_lm(models), critic_inputs, mask, models.critic_from, CRITIC)  # (B, L - 1, H)
+        return models.value_head(hidden[:, prompt_len - 1 :])  # (B, T)
     with use_adapter(models, CRITIC if models.critic == "adapter" else POLICY):
         hidden = _response_hidden(models, input_ids, attention_mask, prompt_len)  # (B, T, H)
         return models.value_head(hidden)

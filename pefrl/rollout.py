@@ -62,6 +62,10 @@ class Rollout:
     values: torch.Tensor | None = None
     """(B, T) critic values of the states before each response token, scored while sampling (engine 'pefrl'
     with with_values=True); 0 where response_mask is 0. None: the trainer runs the critic forward."""
+    critic_inputs: torch.Tensor | None = None
+    """(B, P + T - 1, H) the base's hidden states entering the first layer of a critic adapter on the top
+    layers (model.critic_layers), at every position but the last, kept from the sampler's reference rows
+    (with_critic_inputs=True). The critic's forward starts there (models.critic_values); None: from the start."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -273,13 +277,16 @@ def generate(
     prompt_ids: list[list[int]] | None = None,
     with_reference: bool = False,
     with_values: bool = False,
+    with_critic_inputs: bool = False,
 ) -> Rollout:
     """Sample one completion per prompt with the policy adapter (repeat prompts for several samples each).
 
     prompt_ids: the prompts' exact token ids (e.g. a multi-turn context that must not be re-encoded); then
     `prompts` is not encoded. `generator` seeds the sampling: the same seed gives the same samples.
     with_reference: also score the sampled tokens under the reference (Rollout.ref_logprobs) where the pefrl
-    engine runs; elsewhere it is left None. with_values: likewise the shared critic's values (Rollout.values).
+    engine runs; elsewhere it is left None. with_values: likewise the shared critic's values (Rollout.values),
+    with_critic_inputs the inputs of a critic adapter on the top layers (Rollout.critic_inputs, see
+    decode.sample for when the sampler can keep them).
     """
     model = models.model
     device = next(model.parameters()).device
@@ -299,7 +306,7 @@ def generate(
                 torch.manual_seed(seed)
             if lean:
                 out = decode.sample(models, query_ids, query_mask, rollout_cfg, eos_ids, tokenizer.pad_token_id,
-                                    stopping, with_reference, with_values)
+                                    stopping, with_reference, with_values, with_critic_inputs)
                 sampled = out.tokens
             else:
                 sampled, recorder, explore = _hf_generate(models, query_ids, query_mask, rollout_cfg, tokenizer,
@@ -319,9 +326,10 @@ def generate(
     if lean:
         # (B, T), 0 past the end (where, not *: a filtered pad token's mixture logprob is -inf)
         zero = lambda x: None if x is None else torch.where(response_mask > 0, x[:, :T], 0.0)  # noqa: E731
+        lower = None if out.critic_inputs is None else out.critic_inputs[:, : P + T - 1]  # (B, P + T - 1, H)
         return Rollout(query_ids, query_mask, response_ids, response_mask, completions,
                        zero(out.behaviour_logprobs), zero(out.logprobs), zero(out.entropy), zero(out.ref_logprobs),
-                       zero(out.values))
+                       zero(out.values), lower)
     logprobs, entropy = recorder.stacked(sampled, response_mask)  # (B, T) each
     behaviour = explore.stacked(sampled, response_mask)[0] if explore is not None else None
     return Rollout(query_ids, query_mask, response_ids, response_mask, completions, behaviour, logprobs, entropy)

@@ -252,7 +252,8 @@ def _play(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, ro
     prompts = [format_prompt(tokenizer, t, cfg.data.chat_template) for t in texts]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != cfg.data.prompt_field}
     rollout = generate(models, tokenizer, prompts, rollout_cfg, with_reference=scores_too,
-                       with_values=scores_too and models.critic == "shared")  # a critic adapter: its own forward
+                       with_values=scores_too and models.critic == "shared",  # a critic adapter: its own forward
+                       with_critic_inputs=scores_too and models.critic_from is not None)
     return texts, rollout, columns
 
 
@@ -282,7 +283,7 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
     pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (b, t) -> (b, T)
     any_pass = policy_pass or reference_pass or critic_pass  # the pefrl engine usually leaves nothing to do
     for idx in torch.arange(len(rollout.response_ids)).split(cfg.rl.micro_batch_size) if any_pass else ():
-        ids, mask, P = _micro_inputs(rollout, idx)
+        ids, mask, P, critic_inputs = _micro_inputs(rollout, idx)
         if policy_pass:
             lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=critic_pass and shared,
                                         chunk_size=chunk)
@@ -291,7 +292,7 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: torch.Tensor, cfg: C
         if reference_pass:
             ref.append(pad(reference_logprobs(models, ids, mask, P, temperature, chunk_size=chunk)))
         if critic_pass:
-            values.append(pad(v if shared else critic_values(models, ids, mask, P)))
+            values.append(pad(v if shared else critic_values(models, ids, mask, P, critic_inputs)))
     response_mask = rollout.response_mask
     logprobs, entropy = (torch.cat(old), torch.cat(entropy)) if policy_pass else (rollout.logprobs, rollout.entropy)
     policy_logprobs = None
@@ -329,8 +330,8 @@ def _values_for_one_pass(run: Run, rollout: Rollout) -> torch.Tensor | None:
         return None
     if _passes(cfg, algo, n)[2] < n:
         return None
-    ids, mask, P = _micro_inputs(rollout, torch.arange(n))
-    values = critic_values(models, ids, mask, P)  # (n, T'), T' <= T: trimmed like the update's inputs
+    ids, mask, P, critic_inputs = _micro_inputs(rollout, torch.arange(n))
+    values = critic_values(models, ids, mask, P, critic_inputs)  # (n, T'), T' <= T, trimmed as in the update
     rollout.values = torch.nn.functional.pad(values.detach(), (0, rollout.response_ids.shape[1] - values.shape[1]))
     return values
 
@@ -350,13 +351,12 @@ def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rol
         for mb_idx in torch.randperm(n).split(mb_size):
             run.optimizer.zero_grad(set_to_none=True)
             for micro_idx in mb_idx.split(micro):
-                ids, mask, P = _micro_inputs(rollout, micro_idx)
+                ids, _, P, _ = inputs = _micro_inputs(rollout, micro_idx)
                 T = ids.shape[1] - P
                 mb = {k: v[micro_idx, :T] for k, v in tensors.items()}  # (b, T) trimmed like the inputs
                 values = values_graph[micro_idx] if values_graph is not None else None  # (n, T) in this order
                 values_graph = None  # one use: later passes see updated parameters
-                stats = _backward(models, algo, mb, (ids, mask, P), cfg, kl_coef, len(micro_idx) / len(mb_idx),
-                                  values)
+                stats = _backward(models, algo, mb, inputs, cfg, kl_coef, len(micro_idx) / len(mb_idx), values)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * len(micro_idx) / len(mb_idx)
             count += 1
@@ -366,16 +366,19 @@ def _update(run: Run, batch: RolloutBatch, targets, kl_coef: float, rollout: Rol
     return out
 
 
-def _micro_inputs(rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _micro_inputs(rollout: Rollout, idx: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """input_ids and attention_mask of rows `idx`, without the columns that are padding in every one of them:
-    left-padding of the prompts and right-padding of the responses. -> ids (b, P' + T'), mask, P'."""
+    left-padding of the prompts and right-padding of the responses. -> ids (b, P' + T'), mask, P', and the
+    critic's inputs from the sampler trimmed alike (b, P' + T' - 1, H), or None (Rollout.critic_inputs)."""
     P = rollout.query_ids.shape[1]
     attention = rollout.attention_mask[idx]  # (b, P + T); env rollouts attend to observation tokens too
     left = int((attention[:, :P].sum(0) == 0).long().cumprod(0).sum())  # leading all-pad prompt columns
     used = (attention[:, P:].sum(0) > 0).nonzero()
     T = int(used.max()) + 1 if len(used) else 1
     ids = rollout.input_ids[idx, left : P + T]
-    return ids, attention[:, left : P + T], P - left
+    critic_inputs = rollout.critic_inputs[idx, left : P + T - 1] if rollout.critic_inputs is not None else None
+    return ids, attention[:, left : P + T], P - left, critic_inputs
 
 
 def _backward(models: Models, algo: Algorithm, mb: dict[str, torch.Tensor], inputs: tuple, cfg: Config,
@@ -389,11 +392,11 @@ def _backward(models: Models, algo: Algorithm, mb: dict[str, torch.Tensor], inpu
     (and zero entropy) as detached stand-ins, so no gradient reaches the policy; the policy pass sees the values
     detached. Its stats are the run's: every input has its true value there.
     """
-    ids, mask, P = inputs
+    ids, mask, P, critic_inputs = inputs
     loss_args = (cfg.rl, kl_coef, cfg.max_policy_tokens)
     shared = models.critic == "shared"
     if algo.uses_critic and not shared:
-        values = critic_values(models, ids, mask, P) if values is None else values  # (b, T)
+        values = critic_values(models, ids, mask, P, critic_inputs) if values is None else values  # (b, T)
         loss, _ = algo.loss(mb, mb["logprobs"], values, torch.zeros_like(values), *loss_args)
         (loss * scale).backward()
         values = values.detach()

@@ -38,11 +38,18 @@ def test_unknown_section_named():
         ("rl.minibatch_size=5", "rl.minibatch_size"),
         ("train.lr=-1", "train.lr"),
         ("model.trust_remote_code=yes please", "model.trust_remote_code"),
+        ("model.critic_layers=0", "model.critic_layers"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_critic_layers_need_a_critic_adapter():
+    assert load_config(None, ["model.critic_layers=2"]).model.critic_layers == 2
+    with pytest.raises(ConfigError, match=r"model\.critic_layers needs model\.critic: adapter"):
+        load_config(None, ["model.critic=shared", "model.critic_layers=2"])
 
 
 def test_group_algorithms_need_samples():

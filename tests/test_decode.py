@@ -14,8 +14,8 @@ torch.set_num_threads(1)
 PROMPTS = ["1+2=", "33+44+5=", "the answer is", "7"]  # different lengths: left padding differs per row
 
 
-def _setup(model_dir, uses_critic=False, critic="adapter"):
-    cfg = ModelConfig(name_or_path=model_dir, critic=critic)
+def _setup(model_dir, uses_critic=False, critic="adapter", critic_layers=None):
+    cfg = ModelConfig(name_or_path=model_dir, critic=critic, critic_layers=critic_layers)
     models = load_models(cfg, LoraConfig(r=4), uses_critic=uses_critic)
     with torch.no_grad():  # adapters that differ from the base and from each other
         for i, (n, p) in enumerate(models.model.named_parameters()):
@@ -135,3 +135,49 @@ def test_sampling_stores_projection_weights_input_major_in_place(model_dirs):
         torch.testing.assert_close(policy_forward(models, ids, mask, 2, 1.0)[0], logprobs_before, rtol=0, atol=1e-5)
     decode._store_input_major(lm)
     assert q.stride() == (1, q.shape[0]) and torch.equal(q, before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_top_layers_critic_starts_from_the_reference_rows_hidden_states(model_dirs, arch):
+    """model.critic_layers=1: the critic adapter adapts only the top layer; the sampler keeps the reference
+    rows' hidden states entering it, and the critic's forward from there equals its whole forward, in values and
+    in the gradients of the critic adapter and head, with left padding and rows that end early (masked)."""
+    models, tok = _setup(model_dirs[arch], uses_critic=True, critic_layers=1)
+    assert models.critic_from == 1  # tiny models have 2 layers
+    critic_params = [(n, p) for n, p in models.model.named_parameters() if ".critic." in n]
+    assert critic_params and all(".layers.1." in n for n, _ in critic_params)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(0)
+    s = decode.sample(models, enc.input_ids, enc.attention_mask, RolloutConfig(max_new_tokens=6), eos_ids=[],
+                      pad_id=tok.pad_token_id, with_reference=True, with_critic_inputs=True)
+    P = enc.input_ids.shape[1]
+    ids = torch.cat([enc.input_ids, s.tokens], 1)  # (B, P + 6)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(s.tokens)], 1)
+    mask[0, -2:] = 0  # row 0 ended two tokens early
+    assert s.critic_inputs.shape == (len(PROMPTS), P + 5, models.model.config.hidden_size)
+
+    def values_and_grads(critic_inputs):
+        params = [p for _, p in critic_params] + list(models.value_head.parameters())
+        values = critic_values(models, ids, mask, P, critic_inputs)
+        (values * mask[:, P:]).sum().backward()
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return values * mask[:, P:], grads
+
+    whole, whole_grads = values_and_grads(None)
+    top, top_grads = values_and_grads(s.critic_inputs)
+    torch.testing.assert_close(top, whole, rtol=0, atol=1e-5)
+    for a, b in zip(top_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert whole.std() > 0 and any(g.abs().sum() > 0 for g in whole_grads)
+
+
+def test_critic_inputs_only_where_the_reference_rows_run_the_base(model_dirs):
+    models, tok = _setup(model_dirs["llama"], uses_critic=True, critic_layers=1)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    args = (enc.input_ids, enc.attention_mask, RolloutConfig(max_new_tokens=2), [], tok.pad_token_id)
+    assert decode.sample(models, *args, with_reference=False, with_critic_inputs=True).critic_inputs is None
+    assert decode.sample(models, *args, with_reference=True).critic_inputs is None  # not asked
+    models.reference = CRITIC  # a reference adapter: its rows are not the base below the critic's layers
+    assert decode.sample(models, *args, with_reference=True, with_critic_inputs=True).critic_inputs is None

@@ -246,3 +246,19 @@ def test_bfloat16_base_with_gradient_checkpointing(model_dirs):
     diffs = [((a - b).abs().max() / b.abs().max().clamp(min=1e-8)).item() for a, b in zip(*grads)]
     assert max(diffs) < 1e-3, diffs  # the critic is recomputed under the critic adapter, not the active policy
     assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_critic_layers_adapt_only_the_top_layers(model_dirs, arch):
+    models = _load(model_dirs[arch], critic="adapter")
+    models_top = load_models(ModelConfig(name_or_path=model_dirs[arch], critic_layers=1), LoraConfig(r=4), True)
+    every = [n for n, _ in models.model.named_parameters() if ".critic." in n]
+    top = [n for n, _ in models_top.model.named_parameters() if ".critic." in n]
+    assert models.critic_from is None and models_top.critic_from == 1  # tiny models have 2 layers
+    assert top and sorted(top) == sorted(n for n in every if ".h.1." in n or ".layers.1." in n)
+
+
+def test_critic_layers_beyond_the_model_are_named(model_dirs):
+    cfg = ModelConfig(name_or_path=model_dirs["llama"], critic_layers=3)
+    with pytest.raises(ValueError, match="model.critic_layers is 3, but this llama has 2 layers"):
+        load_models(cfg, LoraConfig(r=4), uses_critic=True)

@@ -111,7 +111,7 @@ def test_separate_critic_backward_gives_the_joint_gradients(tmp_path, algo):
     joint = [p.grad.clone() for p in params]
     run.optimizer.zero_grad(set_to_none=True)
 
-    stats = _backward(models, run.algo, mb, (ids, mask, P), cfg, 0.05, 0.5)
+    stats = _backward(models, run.algo, mb, (ids, mask, P, None), cfg, 0.05, 0.5)
     for p, expected in zip(params, joint):
         torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
     assert all(g.abs().sum() > 0 for g in joint[:1]) and any(p.grad.abs().sum() > 0 for p in models.value_head.parameters())
@@ -139,7 +139,7 @@ def test_without_an_entropy_bonus_the_update_skips_the_entropy(tmp_path):
     loss, _ = run.algo.loss(mb, lp, None, ent, cfg.rl, 0.05, cfg.max_policy_tokens)
     params = [p for p in run.params if p.requires_grad]
     expected = torch.autograd.grad(loss, params, allow_unused=True)
-    _backward(models, run.algo, mb, (ids, mask, P), cfg, 0.05, 1.0)
+    _backward(models, run.algo, mb, (ids, mask, P, None), cfg, 0.05, 1.0)
     used = [(p.grad, e) for p, e in zip(params, expected) if e is not None]
     assert used and any(e.abs().sum() > 0 for _, e in used)
     for grad, e in used:
@@ -175,3 +175,46 @@ def test_a_one_pass_update_reuses_the_critic_forward(tmp_path, monkeypatch, algo
     fresh_cfg = load_config(f"recipes/configs/arithmetic_{algo}.yaml", [f"output_dir={tmp_path / 'fresh'}", *common])
     initial = [p.detach() for p in setup(fresh_cfg).params]
     assert any(not torch.equal(a, b) for a, b in zip(fused, initial))  # the step did train
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_a_top_layers_critic_starts_from_the_samplers_hidden_states(tmp_path, monkeypatch, one_pass):
+    """model.critic_layers: every critic forward of a step (the no-grad values or the kept one-pass forward, and
+    the update's) starts from the sampler's reference-row hidden states, and the first optimizer step gets the
+    gradients the critic's whole forward gives."""
+    import pefrl.trainer as trainer
+
+    calls, grads = [], []
+    real_values, real_step = trainer.critic_values, trainer._optimizer_step
+    monkeypatch.setattr(trainer, "critic_values", lambda *a: calls.append(a[4] is not None) or real_values(*a))
+    monkeypatch.setattr(trainer, "_optimizer_step",
+                        lambda run: grads.append([p.grad.clone() for p in run.params]) or real_step(run))
+    mb, epochs = (8, 1) if one_pass else (4, 2)
+    common = ["train.steps=1", "data.eval_prompts=null", "rollout.batch_size=8", f"rl.minibatch_size={mb}",
+              f"rl.epochs={epochs}", "model.critic_layers=1"]
+
+    def one_step(name):
+        cfg = load_config("recipes/configs/arithmetic_ppo.yaml", [f"output_dir={tmp_path / name}", *common])
+        run = setup(cfg)
+        calls.clear()
+        grads.clear()
+        train(cfg, run=run)
+        return list(calls), grads[0]
+
+    from_sampler, first_grads = one_step("from_sampler")
+    real_play = trainer._play
+
+    def play_without_critic_inputs(*a, **k):
+        texts, rollout, columns = real_play(*a, **k)
+        rollout.critic_inputs = None
+        return texts, rollout, columns
+
+    monkeypatch.setattr(trainer, "_play", play_without_critic_inputs)
+    whole, whole_grads = one_step("whole")
+    # one pass: the kept forward alone; else the no-grad values, then 2 epochs x 2 minibatches of 4
+    assert len(from_sampler) == 1 if one_pass else len(from_sampler) >= 5
+    assert all(from_sampler) and whole == [False] * len(from_sampler)
+    scale = max(g.abs().max() for g in whole_grads)
+    assert scale > 0
+    for a, b in zip(first_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
