@@ -183,6 +183,47 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
     return result
 
 
+def child_floor(model: str, rows: int, length: int, threads: int) -> dict:
+    """Inside a child: the least memory any trainer built on transformers holds for this model and batch. Import
+    torch and transformers, load the frozen base with AutoModelForCausalLM and run one forward and backward of a
+    step-sized batch (rows x length random tokens, gradients to the inputs only, as a LoRA backward through a
+    frozen base): no adapters, optimizer, reward or reference model, no generation. -> its peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers import AutoModelForCausalLM
+
+    rss_after_imports = current_rss()
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).requires_grad_(False)
+    base.enable_input_require_grads()
+    ids = torch.randint(0, base.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+    base(input_ids=ids).logits.sum().backward()
+    result = {"side": "floor", "rss_after_imports_bytes": rss_after_imports,
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    print("BENCH_JSON " + json.dumps(result), flush=True)
+    return result
+
+
+def measure_floor(a: argparse.Namespace, model: Path) -> float:
+    """Median peak RSS (MiB) of `--repeats` floor children (child_floor) for a step of this benchmark."""
+    rows, length = a.batch_size * a.num_samples, 8 + a.max_new_tokens  # a prompt is ~4-8 tokens
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-floor", str(model), "--floor-shape",
+           f"{rows}x{length}", "--threads", str(a.threads)]
+    (CACHE / "logs").mkdir(parents=True, exist_ok=True)
+    runs = [run_child(cmd, a.threads, CACHE / "logs" / f"floor-r{i}.log") for i in range(a.repeats)]
+    return statistics.median(r["peak_rss_bytes"] for r in runs) / 2**20
+
+
+def floor_table(results: dict[str, dict], floor_mib: float) -> str:
+    lines = [f"Memory floor (transformers alone: the base loaded, one forward and backward of a step's batch): "
+             f"{floor_mib:.0f} MiB peak RSS", "",
+             "| pair | TRL peak RSS (MiB) | floor / TRL | pefrl / TRL |", "|---|---|---|---|"]
+    for algo, res in results.items():
+        trl = res["trl"]["peak_rss_mib"]
+        lines.append(f"| {algo} | {trl:.0f} | {floor_mib / trl:.2f} | {res['pefrl']['peak_rss_mib'] / trl:.2f} |")
+    return "\n".join(lines)
+
+
 # --- orchestration and summary ------------------------------------------------------------------------------
 
 
@@ -306,7 +347,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pefrl-override", action="append", default=[], help="extra pefrl dotted.key=value")
     p.add_argument("--out", help="write all runs and the summary as JSON here")
     p.add_argument("--table-from", help="print the tables of an earlier --out JSON and exit")
+    p.add_argument("--floor", action="store_true", help="also measure the memory floor of any transformers-based "
+                   "trainer for this model and batch (child_floor) and print it against TRL's peak")
     p.add_argument("--child-pefrl", help=argparse.SUPPRESS)
+    p.add_argument("--child-floor", help=argparse.SUPPRESS)
+    p.add_argument("--floor-shape", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -314,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.child_pefrl:
         child_pefrl(json.loads(a.child_pefrl), a.threads)
+        return 0
+    if a.child_floor:
+        rows, length = map(int, a.floor_shape.split("x"))
+        child_floor(a.child_floor, rows, length, a.threads)
         return 0
     if a.table_from:  # summaries recomputed from the stored runs
         saved = json.loads(Path(a.table_from).read_text())
@@ -340,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.out).write_text(json.dumps({"args": vars(a), "model": str(model), "load_average": os.getloadavg(),
                                                "summary": results, "runs": raw}, indent=1))
     print(table(results))
+    if a.floor:
+        floor_mib = measure_floor(a, model)
+        print("\n" + floor_table(results, floor_mib))
+        if a.out:
+            saved = json.loads(Path(a.out).read_text())
+            Path(a.out).write_text(json.dumps({**saved, "floor_peak_rss_mib": floor_mib}, indent=1))
     print(f"load average after: {os.getloadavg()}")
     return 0
 

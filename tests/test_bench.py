@@ -89,3 +89,12 @@ def test_pefrl_child_reports_steps_split_and_memory(tmp_path, capsys):
     assert 0 < result["gen_tokens"] <= 2 * 4 * 4  # 2 steps x 4 sequences x at most 4 tokens
     assert result["peak_rss_bytes"] >= result["rss_after_imports_bytes"] > 0
     assert capsys.readouterr().out.count("BENCH_JSON ") == 1
+
+
+def test_floor_child_loads_the_base_and_backpropagates_once(tmp_path, capsys):
+    model = bench.prepare_tiny(tmp_path / "tiny", hidden_size=32, num_layers=1)
+    result = bench.child_floor(str(model), rows=4, length=6, threads=1)
+    assert result["peak_rss_bytes"] >= result["rss_after_imports_bytes"] > 0
+    assert capsys.readouterr().out.count("BENCH_JSON ") == 1
+    results = {"ppo": {"pefrl": {"peak_rss_mib": 500.0}, "trl": {"peak_rss_mib": 625.0}}}
+    assert "| ppo | 625 | 0.64 | 0.80 |" in bench.floor_table(results, 400.0)  # 400/625, 500/625
