@@ -149,13 +149,12 @@ def _layer(layer: nn.Module, h: torch.Tensor, cos, sin, mask: torch.Tensor, grou
     q = _linear(attn.q_proj, x, groups).view(R, L, -1, D).transpose(1, 2)  # (R, heads, L, D)
     k = _linear(attn.k_proj, x, groups).view(R, L, -1, D).transpose(1, 2)  # (R, kv_heads, L, D)
     v = _linear(attn.v_proj, x, groups).view(R, L, -1, D).transpose(1, 2)
-    q, keys = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    values = v
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     if cache is not None:
-        cache.keys[i][:, :, start : start + L] = keys
+        cache.keys[i][:, :, start : start + L] = k
         cache.values[i][:, :, start : start + L] = v
-        keys, values = cache.keys[i][:, :, : start + L], cache.values[i][:, :, : start + L]  # (R, kv_heads, S', D)
-    out = _attention(q, keys, values, mask, attn.scaling)  # (R, heads, L, D)
+        k, v = cache.keys[i][:, :, : start + L], cache.values[i][:, :, : start + L]  # (R, kv_heads, S', D)
+    out = _attention(q, k, v, mask, attn.scaling)  # (R, heads, L, D)
     h = h + _linear(attn.o_proj, out.transpose(1, 2).reshape(R, L, -1), groups)
     x = layer.post_attention_layernorm(h)
     gate = mlp.act_fn(_linear(mlp.gate_proj, x, groups))
