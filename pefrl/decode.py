@@ -161,6 +161,12 @@ def _layer(layer: nn.Module, h: torch.Tensor, cos, sin, mask: torch.Tensor, grou
     return h + _linear(mlp.down_proj, gate * _linear(mlp.up_proj, x, groups), groups)
 
 
+def _rotary(lm: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's rotary cos and sin at positions (R, L), shaped (R, 1, L, D) to broadcast over heads."""
+    cos, sin = lm.model.rotary_emb(h, positions)  # (R, L, D) each
+    return cos[:, None], sin[:, None]
+
+
 def _mask(key_mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """(R, 1, L, end) bool attention mask of queries at positions start..end-1 over keys 0..end-1: causal and
     only to real keys (key_mask (R, >= end) bool)."""
@@ -178,8 +184,7 @@ def _forward(lm: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: _
     start..start+L-1: what the lm_head (logits) and the value head (values) read. capture (layer i, rows):
     also return those rows' hidden states entering layer i, (rows, L, H); else None."""
     h = lm.model.embed_tokens(ids)  # (R, L, H)
-    cos, sin = lm.model.rotary_emb(h, positions)  # (R, L, D) each
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    cos, sin = _rotary(lm, h, positions)
     mask = _mask(cache.key_mask, start, start + ids.shape[1])  # (R, 1, L, S')
     captured = None
     for i, layer in enumerate(lm.model.layers):
@@ -195,8 +200,7 @@ def upper_layers(lm: nn.Module, h: torch.Tensor, attention_mask: torch.Tensor, f
     hidden states (R, L, H) of a model whose layers below `first` ran elsewhere. h (R, L, H): the hidden states
     entering layer `first`; attention_mask (R, L), left padding as in generate (positions from the mask)."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, L)
-    cos, sin = lm.model.rotary_emb(h, positions)  # (R, L, D) each
-    cos, sin = cos[:, None], sin[:, None]
+    cos, sin = _rotary(lm, h, positions)
     mask = _mask(attention_mask.bool(), 0, h.shape[1])  # (R, 1, L, L)
     groups = [(slice(0, len(h)), adapter)]
     for layer in lm.model.layers[first:]:

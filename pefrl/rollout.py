@@ -326,10 +326,10 @@ def generate(
     if lean:
         # (B, T), 0 past the end (where, not *: a filtered pad token's mixture logprob is -inf)
         zero = lambda x: None if x is None else torch.where(response_mask > 0, x[:, :T], 0.0)  # noqa: E731
-        lower = None if out.critic_inputs is None else out.critic_inputs[:, : P + T - 1]  # (B, P + T - 1, H)
+        critic_inputs = None if out.critic_inputs is None else out.critic_inputs[:, : P + T - 1]  # (B, P+T-1, H)
         return Rollout(query_ids, query_mask, response_ids, response_mask, completions,
                        zero(out.behaviour_logprobs), zero(out.logprobs), zero(out.entropy), zero(out.ref_logprobs),
-                       zero(out.values), lower)
+                       zero(out.values), critic_inputs)
     logprobs, entropy = recorder.stacked(sampled, response_mask)  # (B, T) each
     behaviour = explore.stacked(sampled, response_mask)[0] if explore is not None else None
     return Rollout(query_ids, query_mask, response_ids, response_mask, completions, behaviour, logprobs, entropy)
