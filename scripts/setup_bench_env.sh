@@ -4,31 +4,44 @@
 #   .cache/bench/trl116  trl==1.16.*  GRPOTrainer, RLOOTrainer
 #   .cache/bench/trl112  trl==1.12.0  the newest release with PPO (trl.experimental.ppo; 1.13 dropped it)
 #
-# Each venv sees the system site-packages (torch 2.13.0 CPU, transformers, accelerate, datasets, psutil), so
-# both sides of the benchmark run the very same torch and transformers builds; TRL's own pins are checked by
-# `pip check` below and would be installed inside the venv (shadowing the system copy) if they disagreed.
-# torch==2.13.0 is requested first so pip can never pull a CUDA build. Idempotent: a venv that already holds the
-# wanted trl version is left alone (checked from package metadata: importing trl takes ~10 s on a busy CPU).
+# Each venv is self-contained (no system site-packages): it installs everything bench_trl.py imports, with torch,
+# transformers, peft, accelerate, datasets, tokenizers and safetensors pinned to the versions pefrl itself runs
+# with in the Python that calls this script (read from its package metadata), so both sides of the benchmark run
+# the very same builds. `pip check` then reports whether TRL accepts those pins; an import check of every module
+# bench_trl.py uses runs last. Idempotent: a venv that already holds the wanted trl and pins is left alone
+# (checked from package metadata: importing trl takes ~10 s on a busy CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=.cache/bench
 PY=${PYTHON:-python3}
 
+PINNED="torch transformers peft accelerate datasets tokenizers safetensors"
+PINS=$("$PY" - $PINNED <<'EOF'
+import importlib.metadata as m, sys
+print(" ".join(f"{name}=={m.version(name)}" for name in sys.argv[1:]))
+EOF
+)
+
 make_env() {  # make_env NAME TRL_SPEC VERSION_PREFIX CHECK_IMPORT
     local name=$1 spec=$2 want=$3 check=$4 env=$ROOT/$1
-    if [ -x "$env/bin/python" ] && "$env/bin/python" -c "import importlib.metadata as m, sys
-sys.exit(0 if m.version('trl').startswith('$want') and m.version('torch').startswith('2.13.0') else 1)" 2>/dev/null
+    if [ -x "$env/bin/python" ] && "$env/bin/python" - "$want" $PINS <<'EOF' 2>/dev/null
+import importlib.metadata as m, sys
+want, pins = sys.argv[1], [p.split("==") for p in sys.argv[2:]]
+sys.exit(0 if m.version("trl").startswith(want) and all(m.version(n) == v for n, v in pins) else 1)
+EOF
     then
-        echo "$env: ready (trl $want)"
+        echo "$env: ready (trl $want; $PINS)"
         return
     fi
+    rm -rf "$env"
     mkdir -p "$ROOT"
-    "$PY" -m venv --system-site-packages "$env"
-    "$env/bin/python" -m pip install -q "torch==2.13.0"
-    "$env/bin/python" -m pip install -q "$spec" psutil
+    "$PY" -m venv "$env"
+    # torch first and alone, so pip resolves the local CPU build and never pulls a CUDA one
+    "$env/bin/python" -m pip install -q "$(echo "$PINS" | tr ' ' '\n' | grep '^torch==')"
+    "$env/bin/python" -m pip install -q "$spec" $PINS psutil
     "$env/bin/python" -m pip check || echo "warning: pip check reports conflicts in $env" >&2
-    "$env/bin/python" -c "$check"
-    echo "$env: installed ($("$env/bin/python" -c 'import trl; print("trl", trl.__version__)'))"
+    "$env/bin/python" -c "import psutil, peft, datasets, transformers, accelerate; $check"
+    echo "$env: installed ($("$env/bin/python" -c 'import trl; print("trl", trl.__version__)'); $PINS)"
 }
 
 make_env trl116 "trl==1.16.*" 1.16 \
