@@ -105,6 +105,17 @@ def discounted_returns(rewards: Tensor, response_mask: Tensor, gamma: float) -> 
     return torch.stack(reversed_returns[::-1], dim=1)  # (B, T)
 
 
+def group_view(scores: Tensor, num_samples: int) -> Tensor:
+    """(B,) per-sequence values -> (B/k, k), row i holding prompt i's k = num_samples samples (rows [i*k, (i+1)*k)
+    of the batch). Raises unless k >= 2 and k divides B: a group of one has no baseline and no spread."""
+    B, k = scores.shape[0], num_samples
+    if k < 2:
+        raise ValueError(f"group baselines need num_samples >= 2, got {k}")
+    if B % k:
+        raise ValueError(f"batch of {B} sequences is not a whole number of groups of num_samples={k}")
+    return scores.reshape(B // k, k)  # (B/k, k)
+
+
 def group_advantages(
     scores: Tensor, num_samples: int, mode: str, scale_by_std: bool = True, eps: float = 1e-4
 ) -> Tensor:
@@ -117,11 +128,7 @@ def group_advantages(
     A group of identical scores gives advantage 0 in both modes.
     """
     B, k = scores.shape[0], num_samples
-    if k < 2:
-        raise ValueError(f"group baselines need num_samples >= 2, got {k}")
-    if B % k:
-        raise ValueError(f"batch of {B} sequences is not a whole number of groups of num_samples={k}")
-    groups = scores.reshape(B // k, k)  # (B/k, k): row i holds prompt i's k samples
+    groups = group_view(scores, num_samples)  # (B/k, k)
     if mode == "rloo":
         baseline = (groups.sum(-1, keepdim=True) - groups) / (k - 1)  # (B/k, k): mean of the other k-1
         return (groups - baseline).reshape(B)
