@@ -11,7 +11,15 @@ output_dir/checkpoint-<step>/          <step> = optimizer-step count of RL steps
 Atomic: every rank writes into `output_dir/.tmp-checkpoint-<step>`, files and directories are fsynced, then rank 0
 renames it to `checkpoint-<step>` (one rename is atomic on POSIX). A crash mid-save leaves only a `.tmp-` directory,
 which is never picked as latest and is removed by the next save; older checkpoints are deleted only after the new
-one is in place (keep-last-N).
+one is in place (keep-last-N). Re-saving an existing step (after resuming an older checkpoint) swaps the two
+directories in one step (Linux renameat2 RENAME_EXCHANGE), and deletes the old one only then.
+
+Ownership: trainer_state.json records the run id of `output_dir/pefrl_run.json` (pefrl.rundir writes it when a
+run starts). keep-last-N deletes only checkpoints carrying this run's id: another tool's (or an older pefrl's)
+`checkpoint-N/` is never touched.
+
+Intact: `latest` skips, with a warning naming the file, a checkpoint whose trainer_state.json is not JSON or whose
+safetensors files are truncated (their header must cover the file), and resumes from the previous intact one.
 
 No pickle: safetensors and JSON only. A checkpoint directory holding pickle files (`*.bin`, `*.pt`, `*.pth`,
 `*.pkl`, `*.ckpt`) is refused, since unpickling runs arbitrary code; set PEFRL_ALLOW_PICKLE=1 to accept one
@@ -20,6 +28,8 @@ you trust (peft then reads `adapter_model.bin` adapters with torch.load(weights_
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import random
@@ -30,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pefrl.models import load_adapters, save_adapters
@@ -42,6 +53,7 @@ PREFIX, TMP_PREFIX = "checkpoint-", ".tmp-checkpoint-"
 STATE_FILE, OPTIMIZER_FILE, ADAPTERS_DIR = "trainer_state.json", "optimizer.safetensors", "adapters"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOW_PICKLE_ENV = "PEFRL_ALLOW_PICKLE"
+RUN_FILE = "pefrl_run.json"  # {"run_id": ...}: which run owns output_dir (pefrl.rundir)
 
 
 class CheckpointError(RuntimeError):
@@ -69,16 +81,82 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
     'latest': the newest complete checkpoint in output_dir, or None when there is none yet (so one launch
     command serves both the first start and every restart after a crash). A path must be a checkpoint.
+    A damaged checkpoint (see `damage`) is skipped for the previous intact one with a warning naming the bad
+    file; another tool's checkpoint-N/ is skipped silently. An explicit path must be an intact checkpoint.
     """
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        bad = []
+        for path in reversed([p for p in list_checkpoints(output_dir) if written_by_pefrl(p)]):
+            problem = damage(path)
+            if problem is None:
+                if bad:
+                    warnings.warn(f"skipped damaged checkpoints ({'; '.join(bad)}): resuming from {path}", stacklevel=2)
+                return path
+            bad.append(problem)
+        if bad:
+            raise CheckpointError(f"train.resume=latest: no intact checkpoint in {output_dir}: {'; '.join(bad)}")
+        return None
     path = Path(resume).expanduser()
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"train.resume={resume}: {path / STATE_FILE} does not exist (not a complete checkpoint)")
+    problem = damage(path)
+    if problem is not None:
+        raise CheckpointError(f"train.resume={resume}: {problem}")
     return path
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    """trainer_state.json as a dict, or None when it is missing, not JSON (truncated) or not a mapping."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def written_by_pefrl(path: Path) -> bool:
+    """A pefrl checkpoint: its trainer_state.json has a format_version, or (that file damaged) it holds pefrl's
+    optimizer.safetensors and adapters/. Other tools' checkpoint-N/ (e.g. transformers.Trainer's) do not."""
+    state = _read_state(path)
+    if state is not None:
+        return "format_version" in state
+    return (path / OPTIMIZER_FILE).is_file() and (path / ADAPTERS_DIR).is_dir()
+
+
+def damage(path: Path) -> str | None:
+    """None for an intact checkpoint, else which file is bad and how: trainer_state.json must be a JSON mapping,
+    optimizer.safetensors must exist, and every .safetensors / .json file must be whole (a safetensors header
+    names every byte of the file, so truncation is caught without loading tensors)."""
+    if _read_state(path) is None:
+        return f"{path / STATE_FILE} is not a JSON mapping (truncated?)"
+    if not (path / OPTIMIZER_FILE).is_file():
+        return f"{path / OPTIMIZER_FILE} is missing"
+    for file in sorted(path.rglob("*")):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except (SafetensorError, OSError, ValueError) as e:
+            return f"{file} is damaged (truncated?): {e}"
+    return None
+
+
+def run_id(output_dir: str | Path) -> str | None:
+    """The id in output_dir/pefrl_run.json, None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(output_dir) / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def owned_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints written by the run that owns output_dir (same run id), oldest first."""
+    rid = run_id(output_dir)
+    return [p for p in list_checkpoints(output_dir) if rid is not None and (_read_state(p) or {}).get("run_id") == rid]
 
 
 # --- saving -------------------------------------------------------------------------------------------------
@@ -89,6 +167,9 @@ def save_checkpoint(run: Run, step: int) -> Path:
     acc, cfg = run.accelerator, run.cfg
     root = Path(cfg.output_dir)
     tmp, final = root / f"{TMP_PREFIX}{step}", root / f"{PREFIX}{step}"
+    if final.exists() and not written_by_pefrl(final):  # every rank checks: all stop together
+        raise CheckpointError(f"{final} exists and was not written by pefrl (another tool's?): it is never "
+                              "replaced; move it or choose another output_dir")
     if acc.is_main_process:
         for stale in root.glob(f"{TMP_PREFIX}*"):  # leftovers of saves that crashed
             shutil.rmtree(stale, ignore_errors=True)
@@ -101,6 +182,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         state = {
             "format_version": FORMAT_VERSION,
+            "run_id": run_id(root),
             "step": step,
             "world_size": acc.num_processes,
             "optimizer": opt_json,
@@ -113,14 +195,42 @@ def save_checkpoint(run: Run, step: int) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step after a resume: replace it, never leave it half-written
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _publish(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(root)[: -cfg.train.keep_last]:
+        for old in owned_checkpoints(root)[: -cfg.train.keep_last]:  # never another tool's or run's checkpoint
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename tmp to final. An existing final (re-saving a step after resuming an older checkpoint) is swapped
+    out in one atomic step and deleted only then; where the OS cannot swap, it is renamed aside first, so a
+    crash between the two renames leaves the previous checkpoints as latest and both copies in .tmp- dirs."""
+    if not final.exists():
+        os.rename(tmp, final)
+    elif _exchange(tmp, final):
+        shutil.rmtree(tmp)  # tmp now holds the replaced checkpoint
+    else:
+        aside = tmp.with_name(tmp.name + "-replaced")
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28 (macOS, musl, Windows)
+        return False
+    at_fdcwd, rename_exchange = -100, 2  # <fcntl.h>, <linux/fs.h>
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # kernel or filesystem without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

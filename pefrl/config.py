@@ -291,7 +291,12 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints to keep; older ones are deleted after a new one is safely written."""
     resume: str | None = None
-    """'latest' (newest checkpoint in output_dir) or a checkpoint directory. Empty: start fresh."""
+    """'latest' (newest intact checkpoint in output_dir; none yet: start fresh) or a checkpoint directory.
+    Empty: start fresh, which an output_dir already holding a pefrl run refuses (see train.overwrite). A resume
+    refuses a config that differs from the saved config.yaml outside pefrl.rundir.RESUME_SAFE_FIELDS."""
+    overwrite: bool = False
+    """Start fresh in an output_dir that holds a pefrl run, deleting that run's own files first (metrics,
+    config.yaml, summary, final/, its checkpoints); other files and other tools' checkpoint-N/ stay."""
     log_every: int = 1
     """Print a progress line every N steps (metrics.jsonl gets every step)."""
     samples_every: int = 0
@@ -311,6 +316,9 @@ class TrainConfig:
         _positive("train.keep_last", self.keep_last)
         _positive("train.log_every", self.log_every)
         _positive("train.max_bad_steps", self.max_bad_steps)
+        if self.overwrite and self.resume:  # in a YAML next to resume: latest, every restart would wipe the run
+            raise ConfigError(f"train.overwrite=true deletes the run that train.resume={self.resume} continues: "
+                              "set one of them")
 
 
 ALGOS = ("ppo", "a2c", "reinforce", "rloo", "grpo", "reinforce_pp", "trpo")

@@ -4,9 +4,39 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, then os.replace: a crash at any point leaves
+    either the old file or the new one, never an empty or half-written one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file. A torn last line (a crash mid-append) is dropped with a warning; a
+    bad line before it is an error naming the line."""
+    lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path} line {i + 1} is not JSON ({e}): {line[:80]!r}") from None
+            warnings.warn(f"{path}: dropped a torn last line (a crash while writing it?): {line[:80]!r}",
+                          stacklevel=2)
+    return records
 
 
 class MetricsWriter:
@@ -17,11 +47,12 @@ class MetricsWriter:
         self.enabled = enabled
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step and self.path.exists():
-                # Drop lines of steps the resumed run will redo, so each step appears once.
-                kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) < resume_step]
-                self.path.write_text("".join(l + "\n" for l in kept))
-            elif not resume_step:
+            if resume_step:  # drop lines of steps the resumed run will redo, so each step appears once
+                for path in (self.path, self.path.parent / "samples.jsonl"):
+                    if path.exists():
+                        kept = [r for r in read_jsonl(path) if r.get("step", 0) < resume_step]
+                        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            else:
                 self.path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -50,7 +81,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a pefrl run directory?")
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return read_jsonl(path)
 
 
 def progress_line(record: dict[str, Any], total_steps: int) -> str:

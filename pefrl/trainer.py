@@ -30,8 +30,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm, loss_inputs
-from pefrl.checkpoint import load_checkpoint, resolve_resume, restore_rng, save_checkpoint
-from pefrl.config import Config, save_config
+from pefrl.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from pefrl.config import Config
 from pefrl.data import PromptStream, check_prompt_lengths, context_length, format_prompt, load_rows
 from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, play_rows, seed_rows
@@ -43,6 +43,7 @@ from pefrl.ops.advantages import masked_mean
 from pefrl.ops.kl import kl_estimate, make_kl_controller
 from pefrl.rewards import Scorer, build_scorer
 from pefrl.rollout import Rollout, generate, use_pefrl_engine
+from pefrl.rundir import resolve_run, start_run
 
 
 @dataclass
@@ -75,6 +76,7 @@ def setup(
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.train.trackers or None,
                               project_dir=cfg.output_dir)
     check_supported(accelerator)  # DeepSpeed / Megatron would shard nothing here: stop, don't run unsharded
+    resumed_from = resolve_run(cfg)  # None: fresh; refuses a used output_dir or a changed config before loading
     sharded = fsdp_requested(accelerator)
     if sharded:
         check_fsdp(cfg)
@@ -109,7 +111,7 @@ def setup(
     run = Run(cfg=cfg, accelerator=accelerator, algo=algo, tokenizer=tokenizer, models=models, scorer=scorer,
               stream=PromptStream(rows, seed=cfg.train.seed, shuffle=cfg.data.shuffle), eval_rows=eval_rows,
               params=params, optimizer=optimizer, scheduler=scheduler, kl_ctl=make_kl_controller(cfg.rl))
-    run.resumed_from = resolve_resume(cfg.output_dir, cfg.train.resume)  # None: fresh start
+    run.resumed_from = resumed_from
     if run.resumed_from is not None:
         run.start_step = load_checkpoint(run, run.resumed_from)
         accelerator.print(f"resumed from {run.resumed_from} at step {run.start_step}")
@@ -128,9 +130,10 @@ def train(
     stream, eval_rows, kl_ctl, algo_state = run.stream, run.eval_rows, run.kl_ctl, run.algo_state
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # distinct samples per rank
-    writer = MetricsWriter(cfg.output_dir, enabled=accelerator.is_main_process, resume_step=run.start_step)
+    accelerator.wait_for_everyone()  # every rank has checked output_dir (setup) before the main process writes it
     if accelerator.is_main_process:
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        start_run(cfg, run.resumed_from)  # fresh: the run's old files go, a new run id; config.yaml
+    writer = MetricsWriter(cfg.output_dir, enabled=accelerator.is_main_process, resume_step=run.start_step)
     if cfg.train.trackers:
         accelerator.init_trackers("pefrl", config=_flat(cfg.to_dict()))
 

@@ -60,7 +60,8 @@ def test_raising_reward_names_sample_and_prompt_and_keeps_the_last_checkpoint(tm
     with pytest.raises(RewardError, match=r"flaky failed on sample 1 \(prompt '\d+\+\d+=', .*ConnectionError: judge"):
         train(_cfg(tmp_path, "train.steps=4", "train.save_every=1"), extra_rewards=[("flaky", flaky)])
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
-    run = setup(_cfg(tmp_path, "train.steps=4"), extra_rewards=[("flaky", flaky)])
+    run = setup(_cfg(tmp_path, "train.steps=4", "train.resume=latest"), extra_rewards=[("flaky", flaky)])
+    assert run.start_step == 2 and run.resumed_from == tmp_path / "checkpoint-2"
     assert load_checkpoint(run, tmp_path / "checkpoint-2") == 2  # intact: loads, resumes at step 2
 
 
