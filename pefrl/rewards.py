@@ -150,7 +150,7 @@ def _scores(name: str, result: Any, prompts: list[str], lo: int, hi: int, none_o
     for i, v in enumerate(values, lo):
         if v is None and none_ok:
             continue
-        if isinstance(v, complex) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        if not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise RewardError(f"reward function {name} returned {v!r} for sample {i} (prompt {prompts[i]!r})")
     return [None if v is None else float(v) for v in values]
 
@@ -183,10 +183,11 @@ def _serve(conn, functions: list[RewardFn], parent: int) -> None:
             conn.send(_Failure(f"its return value cannot leave the worker process: {type(e).__name__}: {e}"))
 
 
-def _kill(workers: list) -> None:
-    for i, worker in enumerate(workers):
-        if worker is not None:
-            proc, conn = worker
+def _kill(workers: list, slots: range | None = None) -> None:
+    """Stop workers[slot] for each slot (default: all) and leave None there."""
+    for i in range(len(workers)) if slots is None else slots:
+        if workers[i] is not None:
+            proc, conn = workers[i]
             proc.kill()  # SIGKILL: a hung reward may ignore SIGTERM
             proc.join()  # reaped: no zombie
             conn.close()
@@ -219,13 +220,6 @@ class _Pool:
             self.workers[slot] = (proc, conn)
         return self.workers[slot]
 
-    def _end(self, slot: int) -> None:
-        proc, conn = self.workers[slot]
-        proc.kill()
-        proc.join()
-        conn.close()
-        self.workers[slot] = None
-
     def run(self, tasks: list[tuple], deadline: float | None) -> list:
         """tasks (index, prompts, completions, columns) -> return values or _Failure, each call cut at timeout_s
         and at `deadline` (time.monotonic()); a task not started by the deadline fails unrun."""
@@ -239,7 +233,13 @@ class _Pool:
                     results[pending.popleft()] = _Failure(f"TimeoutError: not run: the retries' deadline ({limit}) passed")
             while pending and idle:
                 slot, i = idle.pop(), pending.popleft()
-                self._worker(slot)[1].send(tasks[i])
+                try:
+                    self._worker(slot)[1].send(tasks[i])
+                except Exception as e:  # arguments that cannot be pickled, or a worker that died while idle
+                    results[i] = _Failure(f"its arguments cannot reach a worker process: {type(e).__name__}: {e}")
+                    _kill(self.workers, range(slot, slot + 1))
+                    idle.append(slot)
+                    continue
                 end = now + self.timeout_s if self.timeout_s else math.inf
                 busy[slot] = (i, min(end, deadline if deadline is not None else math.inf))
             if not busy:
@@ -256,10 +256,11 @@ class _Pool:
                     except (EOFError, OSError):
                         proc.join(1.0)
                         results[i] = _Failure(f"RuntimeError: its worker process died (exit code {proc.exitcode})")
-                        self._end(slot)
+                        _kill(self.workers, range(slot, slot + 1))
                 elif now >= end:
-                    results[i] = _Failure(f"TimeoutError: took longer than {limit}")
-                    self._end(slot)
+                    shared = "" if deadline is None else ", which the sample-by-sample retries share"
+                    results[i] = _Failure(f"TimeoutError: took longer than {limit}{shared}")
+                    _kill(self.workers, range(slot, slot + 1))
                 else:
                     continue
                 del busy[slot]
@@ -305,9 +306,10 @@ class Scorer:
                 failures[f][i] = result
             else:
                 values[f][i] = _scores(self.functions[f][0], result, prompts, i, i + 1, none_ok)[0]
-        batch_retries = sum(not any(i in failures[f] for i in range(lo, hi)) for f, lo, hi in retried)
-        for f, lo, hi in retried:
-            self._warn_once(f, failures[f], lo, hi)
+        # a failed batch call whose samples all succeed alone: a bug or a limit of the function, at double the cost
+        batch_retries = [(f, hi - lo) for f, lo, hi in retried if not any(i in failures[f] for i in range(lo, hi))]
+        for f, size in batch_retries:
+            self._warn_once(self.functions[f][0], size)
 
         # 3. failures: raise naming the first sample, or score 0 and count
         if self.on_error == "raise":
@@ -318,7 +320,7 @@ class Scorer:
                                       f"{completions[i]!r}): {failed[i].text}") from failed[i].exc
         total = torch.zeros(n, dtype=torch.float32)
         stats: dict[str, float] = {"reward_failures": float(sum(v is None for vs in values for v in vs)),
-                                   "reward_batch_retries": float(batch_retries)}
+                                   "reward_batch_retries": float(len(batch_retries))}
         for (name, _, weight), vs in zip(self.functions, values):
             scores = torch.tensor([0.0 if v is None else v for v in vs], dtype=torch.float32)
             stats[f"reward/{name}"] = scores.mean().item() if n else 0.0
@@ -355,13 +357,11 @@ class Scorer:
                     out[j] = _failure(e)
         return [out[j] for j in range(len(tasks))]
 
-    def _warn_once(self, f: int, failed: dict[int, _Failure], lo: int, hi: int) -> None:
-        name = self.functions[f][0]
-        if name not in self._warned and not any(i in failed for i in range(lo, hi)):
+    def _warn_once(self, name: str, size: int) -> None:
+        if name not in self._warned:
             self._warned.add(name)
-            warnings.warn(f"reward function {name} failed on a batch of {hi - lo} but succeeded on every sample "
-                          f"alone; it is re-run sample by sample each time (counted in reward_batch_retries)",
-                          stacklevel=3)
+            warnings.warn(f"reward function {name} failed on a batch of {size} but succeeded on every sample alone; "
+                          f"it is re-run sample by sample each time (counted in reward_batch_retries)", stacklevel=3)
 
 
 def reduce_stats(stats: dict[str, float], n: int, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
