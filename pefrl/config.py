@@ -180,7 +180,11 @@ class RewardConfig:
     on_error: str = "raise"
     """A reward function that raises: 'raise' stops the run naming the sample; 'skip' scores it 0 and counts it."""
     timeout_s: float = 0.0
-    """Per-call time limit of a reward function in seconds (0: none)."""
+    """Time limit of a reward function call in seconds (0: none). A call past it is killed with its worker process
+    and fails; the sample-by-sample retries of failed batch calls share one such limit."""
+    workers: int = 0
+    """Worker processes that run the reward functions (0: in the training process, or 1 when timeout_s is set).
+    More than 1 also splits each batch call into that many slices run at once."""
 
     def __post_init__(self):
         _choice("reward.on_error", self.on_error, ("raise", "skip"))
@@ -190,6 +194,8 @@ class RewardConfig:
             )
         if self.timeout_s < 0:
             raise ConfigError(f"reward.timeout_s must be >= 0, got {self.timeout_s}")
+        if self.workers < 0:
+            raise ConfigError(f"reward.workers must be >= 0, got {self.workers}")
 
 
 @dataclass

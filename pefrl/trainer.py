@@ -41,7 +41,7 @@ from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
 from pefrl.ops.advantages import masked_mean
 from pefrl.ops.kl import kl_estimate, make_kl_controller
-from pefrl.rewards import Scorer, build_scorer
+from pefrl.rewards import Scorer, build_scorer, reduce_stats
 from pefrl.rollout import Rollout, generate, use_pefrl_engine
 from pefrl.rundir import resolve_run, start_run
 
@@ -188,6 +188,8 @@ def train(
             raise FloatingPointError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopping")
 
         # 7. log, evaluate, checkpoint
+        reward_stats = reduce_stats(reward_stats, len(scores),  # every rank's, not rank 0's: a collective
+                                    lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu())
         record = _step_record(run, step, batch, entropy, scores, kl_coef, {**targets.stats, **train_stats,
                                                                             **reward_stats, **getattr(rollout, "stats", {})})
         kl_ctl.update(record["kl"], cfg.rollout.num_sequences * world)  # adaptive controller (Ziegler et al. 2019)
@@ -219,6 +221,7 @@ def train(
         save_adapters(models, Path(cfg.output_dir) / "final")
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
+    scorer.close()  # reward worker processes, if any (on an error they go when the Scorer is collected or at exit)
     return summary
 
 

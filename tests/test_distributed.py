@@ -58,7 +58,9 @@ DRIVER = textwrap.dedent("""
         calls["reward"] += 1
         if mode == "fail" and rank == 1 and calls["reward"] >= 2:  # from step 1 on
             raise ValueError("rank 1's reward server is down")
-        return [0.0] * len(completions)
+        if mode == "rank1_skips" and rank == 1:  # with reward.on_error=skip: rank 1's samples fail, rank 0's score 1
+            raise ValueError("rank 1 cannot score")
+        return [float(mode == "rank1_skips")] * len(completions)
 
     if mode == "global_rows":
         T.generate = global_generate
@@ -102,7 +104,7 @@ def _adapters(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow  # launches processes (20-60 s on 2 cores)
 def test_two_ranks_run_two_processes_and_end_with_identical_adapters(tmp_path):
     res = _launch(tmp_path, tmp_path / "run", 2, "algo=ppo", "rollout.batch_size=4", "rl.minibatch_size=2",
-                  "train.steps=2")
+                  "train.steps=2", "reward.on_error=skip", mode="rank1_skips")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rank 0 of 2" in res.stdout and "rank 1 of 2" in res.stdout  # not silently one process
     r0, r1 = _adapters(tmp_path / "run" / "rank0"), _adapters(tmp_path / "run" / "rank1")
@@ -113,6 +115,8 @@ def test_two_ranks_run_two_processes_and_end_with_identical_adapters(tmp_path):
     # one step consumed 2 ranks x 4 prompts: the stream advanced by 8 per step
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]
+    # reward stats are both ranks': rank 1's 4 samples failed (scored 0), rank 0's 4 scored 1
+    assert [(r["reward_failures"], r["reward/probe"]) for r in records] == [(4, 0.5), (4, 0.5)]
 
 
 @pytest.mark.slow  # launches processes (20-60 s on 2 cores)

@@ -5,6 +5,7 @@ Each run is in process (2-3 steps of 2 prompts); the multi-rank failure is in te
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,6 +94,56 @@ def test_reward_timeout_stops_the_run_naming_the_sample(tmp_path):
     with pytest.raises(RewardError, match=r"slow failed on sample 0 .*took longer than reward.timeout_s=0.2s"):
         train(_cfg(tmp_path, "train.steps=2", "reward.timeout_s=0.2"), extra_rewards=[("slow", slow)])
     assert time.perf_counter() - t0 < 30  # the batch call and one per-sample call, each cut at 0.2 s
+
+
+HANG = """
+import json, os, sys, time
+import torch
+torch.set_num_threads(1)
+from pefrl.config import load_config
+from pefrl.rewards import RewardError
+from pefrl.trainer import train
+
+args, out, pids = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+def forever(prompts, completions, **_):
+    open(pids, "a").write(f"{os.getpid()}\\n")
+    while True:
+        time.sleep(1)
+
+t0 = time.perf_counter()
+train(load_config(None, [*args, f"output_dir={out}/skip", "reward.on_error=skip"]), extra_rewards=[("forever", forever)])
+print(f"skip run: {time.perf_counter() - t0:.1f} s", flush=True)
+t0 = time.perf_counter()
+try:
+    train(load_config(None, [*args, f"output_dir={out}/raise"]), extra_rewards=[("forever", forever)])
+except RewardError as e:
+    print(f"raise run: {time.perf_counter() - t0:.1f} s: {e}", flush=True)
+"""
+
+
+def test_a_reward_that_never_returns_ends_the_run_and_leaves_no_process(tmp_path):
+    """In a subprocess with a wall-clock limit: the point is that the process exits at all (a hung reward call
+    used to keep its thread, and interpreter exit waited on it forever)."""
+    import subprocess
+    import sys
+
+    from tests.test_rewards import _alive
+
+    (tmp_path / "hang.py").write_text(HANG)
+    args = [*TINY, "train.steps=2", "reward.timeout_s=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(tmp_path / "hang.py"), json.dumps(args), str(tmp_path),
+                          str(tmp_path / "pids")], env=env, capture_output=True, text=True, timeout=240)
+    print(f"process exited after {time.perf_counter() - t0:.1f} s; {res.stdout}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "forever failed on sample 0 (prompt '" in res.stdout and "took longer than reward.timeout_s=2s" in res.stdout
+    # skip: 2 steps, every sample a failure, each step one batch call and one retry (2 x 2 s), not 3 x 2 s
+    assert [r["reward_failures"] for r in _metrics(tmp_path / "skip")] == [2, 2]
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 2 * 2 + 2  # skip: batch + 1 retry per step (the 2nd sample is past the deadline); raise: 2
+    assert not any(_alive(p) for p in pids)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
