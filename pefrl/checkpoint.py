@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pefrl.models import load_adapters, save_adapters
+from pefrl.errors import PefrlError
 
 if TYPE_CHECKING:
     from pefrl.trainer import Run
@@ -44,7 +45,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOW_PICKLE_ENV = "PEFRL_ALLOW_PICKLE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PefrlError, RuntimeError):
     """A checkpoint is missing, incomplete, from another run shape, or holds pickle files."""
 
 

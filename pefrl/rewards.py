@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from pefrl.config import RewardConfig
+from pefrl.errors import PefrlError
 
 RewardFn = Callable[..., Sequence[float]]
 
 
-class RewardError(RuntimeError):
+class RewardError(PefrlError, RuntimeError):
     """A reward function failed or returned a bad value; the message names the function and the sample."""
 
 

@@ -154,7 +154,7 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from pefrl.config import load_config
+    from pefrl.config_loader import load_config
     from pefrl.metrics import read_metrics
     from pefrl.trainer import train
 

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pefrl.config import DataConfig, LoraConfig, ModelConfig, load_config
+from pefrl.config import DataConfig, LoraConfig, ModelConfig
+from pefrl.config_loader import load_config
 from pefrl.data import DataError, check_prompt_lengths, context_length, load_rows
 from pefrl.models import load_models, load_tokenizer
 from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR

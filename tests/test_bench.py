@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pefrl.config import load_config
+from pefrl.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ import pytest
 
 from pefrl.cli import main
 from pefrl.commands.plot import plot_metrics, series
-from pefrl.config import load_config, reference
+from pefrl.config_loader import load_config, reference
 from pefrl.rewards import build_scorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,8 @@ def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     import torch
 
     from pefrl.commands.eval import evaluate_run
-    from pefrl.config import Config, save_config
+    from pefrl.config import Config
+    from pefrl.config_loader import save_config
     from pefrl.data import load_rows
     from pefrl.models import load_models, load_tokenizer, save_adapters
     from pefrl.tiny import build_model, build_tokenizer

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pefrl.config import Config, ConfigError, load_config, reference
+from pefrl.config import Config, ConfigError
+from pefrl.config_loader import load_config, reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,9 @@ def test_reference_lists_every_field_with_a_docstring():
 
 def test_every_config_field_is_read_somewhere():
     """A field nothing reads is a lie to the user (TRL has several); every field must be read in pefrl/."""
-    source = "\n".join(p.read_text() for p in (REPO / "pefrl").rglob("*.py") if p.name != "config.py")
+    # The loader reads fields generically (dataclasses.fields), so it proves nothing: it is left out too.
+    source = "\n".join(p.read_text() for p in (REPO / "pefrl").rglob("*.py")
+                       if p.name not in ("config.py", "config_loader.py"))
     attrs = {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
     # Derived sizes (properties in config.py) read fields on the caller's behalf.
     config_tree = ast.parse((REPO / "pefrl" / "config.py").read_text())

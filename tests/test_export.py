@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pefrl import export as ex
 from pefrl.cli import main
-from pefrl.config import load_config, save_config
+from pefrl.config_loader import load_config, save_config
 from pefrl.models import load_models, save_adapters
 from pefrl.tiny import save_tiny_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pefrl.checkpoint import list_checkpoints, load_checkpoint
-from pefrl.config import load_config
+from pefrl.config_loader import load_config
 from pefrl.rewards import RewardError
 from pefrl.trainer import _optimizer_step, setup, train
 
