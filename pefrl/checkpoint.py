@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pefrl.models import load_adapters, save_adapters
+from pefrl.errors import PefrlError
 
 if TYPE_CHECKING:
     from pefrl.trainer import Run
@@ -56,7 +57,7 @@ ALLOW_PICKLE_ENV = "PEFRL_ALLOW_PICKLE"
 RUN_FILE = "pefrl_run.json"  # {"run_id": ...}: which run owns output_dir (pefrl.rundir)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PefrlError, RuntimeError):
     """A checkpoint is missing, incomplete, from another run shape, or holds pickle files."""
 
 

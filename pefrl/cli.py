@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 EXAMPLES = """examples:
@@ -27,25 +28,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"pefrl.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"pefrl.commands.{name}":
-                raise
-            continue  # a subcommand not written yet
-        module.register(sub)
+        importlib.import_module(f"pefrl.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. pefrl's own errors (a bad config, data, reward, path, checkpoint) print as one line
+    naming what is wrong and exit 1; PEFRL_DEBUG=1 shows their traceback too. Other exceptions are bugs and
+    keep their traceback."""
     args = build_parser().parse_args(argv)
     from pefrl.config import ConfigError
+    from pefrl.errors import PefrlError
 
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"pefrl: config error: {e}", file=sys.stderr)
-        return 2
+    except PefrlError as e:
+        if os.environ.get("PEFRL_DEBUG", "") not in ("", "0"):
+            raise
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"pefrl {args.command}: {kind}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,27 +1,22 @@
-"""Typed run configuration.
+"""Typed run configuration: the schema.
 
-Every field carries a docstring (the string literal under it); `pefrl.config.reference()` turns them into the
-README's config reference, so the two cannot drift. A YAML file and `dotted.key=value` overrides are loaded
-strictly: an unknown key raises naming the key and the nearest valid one, a bad value raises naming the field.
-Derived sizes are properties, never fields filled in later.
+Every field carries a docstring (the string literal under it); `pefrl.config_loader.reference()` turns them into
+the README's config reference, so the two cannot drift. `__post_init__` validates each section: a bad value raises
+naming the field. Derived sizes are properties, never fields filled in later. Reading YAML and overrides, type
+coercion and saving live in pefrl/config_loader.py (which imports this module, never the reverse).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
-import types
-import typing
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from pefrl.errors import PefrlError
 
 
-class ConfigError(ValueError):
+class ConfigError(PefrlError, ValueError):
     """A config key or value is wrong; the message names the field."""
 
 
@@ -347,6 +342,9 @@ class Config:
 
     def __post_init__(self):
         _choice("algo", self.algo, ALGOS)
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir must not be empty (it is where the run writes; e.g. runs/my_run)")
+        self.output_dir = os.path.expanduser(self.output_dir)  # `~/runs/x`: the shell expands nothing in YAML
         n = self.rollout.num_sequences
         if n % self.rl.minibatch_size:
             raise ConfigError(
@@ -382,128 +380,3 @@ def _in_range(name: str, value: float, low: float, high: float, low_open: bool =
     if value > high or value < low or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise ConfigError(f"{name} must be in {bracket}{low}, {high}], got {value}")
-
-
-# --- loading ------------------------------------------------------------------------------------------------
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Config from a YAML file (or defaults) plus `dotted.key=value` overrides; strict about keys and types."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like dotted.key=value")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    return from_dict(Config, raw)
-
-
-def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping: unknown keys raise naming the nearest field, types are checked."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {sorted(fields)}"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, name + ".")
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, name)
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML reads 3e-4 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans; take them back as on/off
-            value = "on" if value else "off"
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {name}")
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-# --- reference docs -----------------------------------------------------------------------------------------
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> docstring, read from the string literal under each field in the class source."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def reference() -> str:
-    """Markdown table of every config field: key, type, default, docstring."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-
-    def walk(cls: type, prefix: str) -> None:
-        docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tname = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
-            tname = tname or str(tp).replace("typing.", "").replace(" | ", " or ")
-            lines.append(f"| `{prefix}{f.name}` | {tname} | `{default!r}` | {docs.get(f.name, '')} |")
-
-    walk(Config, "")
-    return "\n".join(lines)

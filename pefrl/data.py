@@ -15,29 +15,46 @@ from pathlib import Path
 from typing import Any
 
 from pefrl.config import DataConfig
+from pefrl.errors import PefrlError, looks_local, read_utf8
+from pefrl.hub import check_hub_name
 
 BUILTINS = {"builtin:arithmetic": "train", "builtin:arithmetic-eval": "eval"}
 
 
-class DataError(ValueError):
+class DataError(PefrlError, ValueError):
     """Prompt data is missing or malformed; the message names the file and row."""
 
 
-def load_rows(source: str, prompt_field: str = "prompt", split: str = "train") -> list[dict[str, Any]]:
-    """All rows of a finite prompt source, each checked to hold a string prompt."""
+FORMATS = ".jsonl/.json (one JSON object a line), .txt (one prompt a line), .csv, .parquet"
+
+
+def load_rows(source: str, prompt_field: str = "prompt", split: str = "train",
+              field: str = "prompt source") -> list[dict[str, Any]]:
+    """All rows of a finite prompt source, each checked to hold a string prompt. `field` names the source in
+    errors (data.prompts, data.eval_prompts, --data).
+
+    A source that looks like a local path (absolute, ./ or ~, nested, or a file extension) is read from disk and
+    never looked up on the hub: a missing one is an error at once, not a slow network timeout; so is a dataset
+    name that is not cached while the hub cannot be reached."""
     if source in BUILTINS:
         from pefrl.tasks.arithmetic import problems
 
         rows = problems(BUILTINS[source])
     else:
-        path = Path(source)
-        if path.suffix in (".jsonl", ".json") and path.is_file():
+        path = Path(source).expanduser()
+        if path.suffix and not path.is_dir() and path.suffix not in (".jsonl", ".json", ".txt", ".csv", ".parquet"):
+            raise DataError(f"{field} {source}: unknown format {path.suffix!r}; pefrl reads {FORMATS}, a "
+                            f"dataset directory or name, or one of {sorted(BUILTINS)}")
+        if (path.suffix or looks_local(source)) and not path.exists():
+            raise DataError(f"{field} {source} does not exist (a local path: not looked up on the hub)")
+        if not path.exists():
+            check_hub_name(source, field, kind="dataset")
+        if path.suffix in (".jsonl", ".json"):
             rows = _read_jsonl(path)
-        elif path.suffix in (".csv", ".parquet") or path.is_dir() or not path.suffix:
-            rows = _read_datasets(source, split)
+        elif path.suffix == ".txt":
+            rows = [{prompt_field: line} for line in read_utf8(path, DataError).splitlines() if line.strip()]
         else:
-            raise DataError(f"prompt source {source} does not exist (a .jsonl/.csv/.parquet file, a dataset "
-                            f"directory or name, or one of {sorted(BUILTINS)})")
+            rows = _read_datasets(str(path) if path.exists() else source, split)
     if not rows:
         raise DataError(f"prompt source {source} holds no rows")
     for i, row in enumerate(rows):
@@ -48,7 +65,7 @@ def load_rows(source: str, prompt_field: str = "prompt", split: str = "train") -
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_utf8(path, DataError).splitlines(), start=1):
         if not line.strip():
             continue
         try:

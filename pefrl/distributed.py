@@ -20,8 +20,10 @@ from types import TracebackType
 
 import torch
 
+from pefrl.errors import PefrlError
 
-class RankError(RuntimeError):
+
+class RankError(PefrlError, RuntimeError):
     """Some rank failed during a step; the message names it."""
 
 

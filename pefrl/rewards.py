@@ -58,10 +58,13 @@ from typing import Any
 import torch
 
 from pefrl.config import RewardConfig
+from pefrl.errors import PefrlError
 
 RewardFn = Callable[..., Sequence[float]]
 COUNTS = ("reward_failures", "reward_batch_retries")  # summed over ranks; the other reward stats are means
-class RewardError(RuntimeError):
+
+
+class RewardError(PefrlError, RuntimeError):
     """A reward function failed or returned a bad value; the message names the function and the sample."""
 
 

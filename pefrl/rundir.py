@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pefrl.checkpoint import PREFIX, RUN_FILE, TMP_PREFIX, list_checkpoints, resolve_resume, run_id, written_by_pefrl
-from pefrl.config import Config, ConfigError, load_config, save_config
+from pefrl.config import Config, ConfigError
+from pefrl.config_loader import load_config, save_config
 from pefrl.metrics import atomic_write_text
 
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "summary.json", "final", RUN_FILE)

@@ -96,7 +96,7 @@ def setup(
     if cfg.env.name:  # rows are environment seeds; the environment writes the prompts (pefrl/envs.py)
         rows, eval_rows = seed_rows(cfg.train.seed), _eval_rows(cfg)
     else:
-        rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data.prompt_field, cfg.data.split)
+        rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data.prompt_field, cfg.data.split, "data.prompts")
         positions = context_length(models.model.config)  # prompts that do not fit are an error, named by row index
         rows = check_prompt_lengths(rows, tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
                                     source=cfg.data.prompts if prompt_source is None else "prompt_source")
@@ -268,7 +268,7 @@ def _eval_rows(cfg: Config) -> list[dict[str, Any]]:
         return []
     if cfg.env.name:
         return env_eval_rows(cfg.data.eval_size)  # held-out environment seeds
-    return load_rows(cfg.data.eval_prompts, cfg.data.prompt_field, cfg.data.split)[: cfg.data.eval_size]
+    return load_rows(cfg.data.eval_prompts, cfg.data.prompt_field, cfg.data.split, "data.eval_prompts")[: cfg.data.eval_size]
 
 
 @torch.no_grad()

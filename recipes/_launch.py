@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pefrl.config import Config, ConfigError, load_config
+from pefrl.config import Config, ConfigError
+from pefrl.config_loader import load_config
 
 
 def parse_config(algo: str, argv: list[str] | None = None) -> Config:

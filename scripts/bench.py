@@ -149,12 +149,21 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes: the kernel's high-water mark, and at least the current RSS.
+
+    getrusage's ru_maxrss reads per-CPU RSS counters that are only summed approximately (off by up to a batch of
+    pages per CPU: >100 MiB on a many-core host under load), while current_rss reads the exact sum, so on its own
+    ru_maxrss can come out below an earlier current_rss."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, current_rss())
+
+
 def child_pefrl(overrides: list[str], threads: int) -> dict:
     """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory."""
     import torch
 
     torch.set_num_threads(threads)
-    from pefrl.config import load_config
+    from pefrl.config_loader import load_config
     from pefrl.metrics import read_metrics
     from pefrl.trainer import train
 
@@ -175,7 +184,7 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
         "gen_time_s": sum(r["gen_time_s"] for r in records),
         "gen_tokens": int(sum(r["response_length"] * cfg.rollout.num_sequences for r in records)),
         "rss_after_imports_bytes": rss_after_imports,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss(),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
@@ -199,7 +208,7 @@ def child_floor(model: str, rows: int, length: int, threads: int) -> dict:
     ids = torch.randint(0, base.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
     base(input_ids=ids).logits.sum().backward()
     result = {"side": "floor", "rss_after_imports_bytes": rss_after_imports,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "peak_rss_bytes": peak_rss()}
     print("BENCH_JSON " + json.dumps(result), flush=True)
     return result
 

@@ -1,4 +1,4 @@
-"""Write the config reference (`pefrl.config.reference()`, built from the dataclass docstrings) into README.md.
+"""Write the config reference (`pefrl.config_loader.reference()`, built from the dataclass docstrings) into README.md.
 
     python scripts/gen_config_reference.py            # rewrite the block between the markers
     python scripts/gen_config_reference.py --check    # exit 1 if the README's block is stale (for CI)
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if the block is stale")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))  # run from a checkout without installing
-    from pefrl.config import reference
+    from pefrl.config_loader import reference
 
     text = args.readme.read_text()
     try:

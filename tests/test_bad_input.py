@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pefrl.config import DataConfig, LoraConfig, ModelConfig, load_config
+from pefrl.config import DataConfig, LoraConfig, ModelConfig
+from pefrl.config_loader import load_config
 from pefrl.data import DataError, check_prompt_lengths, context_length, load_rows
 from pefrl.models import load_models, load_tokenizer
 from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
@@ -152,3 +153,49 @@ def test_remote_code_runs_only_when_the_config_turns_it_on(tmp_path):
 def test_no_code_path_turns_remote_code_on_by_itself():
     for f in (REPO / "pefrl").rglob("*.py"):
         assert not re.search(r"trust_remote_code\s*=\s*True", f.read_text()), f
+
+
+# --- prompt sources: formats, encodings, local paths -----------------------------------------------------------
+
+
+def test_a_txt_prompt_file_holds_one_prompt_a_line(tmp_path):
+    (tmp_path / "p.txt").write_text("1+1=\n\n2+2=\n")
+    assert load_rows(str(tmp_path / "p.txt")) == [{"prompt": "1+1="}, {"prompt": "2+2="}]
+    (tmp_path / "p.tsv").write_text("1+1=\n")
+    with pytest.raises(DataError, match=r"unknown format '\.tsv'; pefrl reads \.jsonl/\.json .*\.txt .*\.csv, "
+                                        r"\.parquet"):
+        load_rows(str(tmp_path / "p.tsv"))
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.txt"])
+def test_non_utf8_prompts_name_the_file_and_line(tmp_path, name):
+    lines = [b'{"prompt": "1+1="}', b'{"prompt": "caf\xe9"}'] if name.endswith("jsonl") else [b"1+1=", b"caf\xe9"]
+    (tmp_path / name).write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / name))}:2: not UTF-8"):
+        load_rows(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("source", ["./no/such/prompts", "/no/such/dataset_dir", "~/no-such-prompts",
+                                    "no_such_prompts.txt"])
+def test_a_missing_local_prompt_source_fails_at_once_naming_the_field(source):
+    with pytest.raises(DataError, match=rf"data.eval_prompts {re.escape(source)} does not exist \(a local path"):
+        load_rows(source, field="data.eval_prompts")
+
+
+def test_offline_hub_names_fail_at_once_naming_the_field(monkeypatch):
+    """A hub id that is not cached while the hub is offline: an error now, not ~25 s of the hub client's retries."""
+    from huggingface_hub import constants
+
+    from pefrl.errors import PathError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PathError, match="model.name_or_path nosuch-org/nosuch-model is not a local path, not in the "
+                                        "hub cache, and the hub cannot be reached"):
+        load_tokenizer(ModelConfig(name_or_path="nosuch-org/nosuch-model"))
+    with pytest.raises(PathError, match="data.prompts nosuch-org/nosuch-data is not a local path"):
+        load_rows("nosuch-org/nosuch-data", field="data.prompts")
+
+
+def test_a_model_path_with_a_file_extension_is_local():
+    with pytest.raises(FileNotFoundError, match=r"model.name_or_path model\.safetensors does not exist"):
+        load_tokenizer(ModelConfig(name_or_path="model.safetensors"))

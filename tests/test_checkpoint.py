@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pefrl import checkpoint as ck
-from pefrl.config import load_config
+from pefrl.config_loader import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -146,7 +146,7 @@ DRIVER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     import pefrl.checkpoint as ck
-    from pefrl.config import load_config
+    from pefrl.config_loader import load_config
     from pefrl.trainer import train
 
     mode, at = os.environ.get("KILL_MODE", ""), int(os.environ.get("KILL_AT", "0"))

@@ -8,7 +8,7 @@ import pytest
 
 from pefrl.cli import main
 from pefrl.commands.plot import plot_metrics, series
-from pefrl.config import load_config, reference
+from pefrl.config_loader import load_config, reference
 from pefrl.rewards import build_scorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,8 @@ def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     import torch
 
     from pefrl.commands.eval import evaluate_run
-    from pefrl.config import Config, save_config
+    from pefrl.config import Config
+    from pefrl.config_loader import save_config
     from pefrl.data import load_rows
     from pefrl.models import load_models, load_tokenizer, save_adapters
     from pefrl.tiny import build_model, build_tokenizer
@@ -149,8 +150,12 @@ def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     assert result["n"] == 8 and result["data"] == "builtin:arithmetic-eval"
     assert result["reward_mean"] == pytest.approx(expected, abs=1e-6)
     assert evaluate_run(run_dir, size=8, adapter="none")["reward_mean"] != pytest.approx(expected, abs=1e-6)
+    capsys.readouterr()
     assert main(["eval", str(run_dir), "--data", "builtin:arithmetic-eval", "--size", "8"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reward_mean"] == pytest.approx(expected)
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["reward_mean"] == pytest.approx(expected)
+    # a run directory is code: eval says which of it it imports
+    assert f"{run_dir / 'config.yaml'} makes this import and run: tests.test_cli_commands:text_code" in captured.err
     with pytest.raises(FileNotFoundError, match="no adapter directory"):
         evaluate_run(run_dir, adapter="checkpoint-9")
     (run_dir / "checkpoint-3").mkdir()
@@ -164,3 +169,37 @@ def test_readme_config_reference_is_fresh():
     if gen.START not in text:
         pytest.skip("README has no config-reference markers yet")
     assert gen.main(["--check"]) == 0, "run: python scripts/gen_config_reference.py"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "lr=3e-4"], "pefrl train: config error: unknown config key lr; did you mean train.lr?"),
+    (["train", "train.lr=inf"], "pefrl train: config error: train.lr must be a finite number, got inf"),
+    (["train", "train.steps=1", "data.prompts=./no/such/prompts.jsonl", "output_dir=/tmp/pefrl-never-written",
+      "reward.functions=[pefrl.tasks.arithmetic:exact_match]"],
+     "pefrl train: error: data.prompts ./no/such/prompts.jsonl does not exist"),
+    (["eval", "./no/such/run"], "pefrl eval: error: no/such/run/config.yaml does not exist"),
+])
+def test_pefrl_errors_print_one_line_and_exit_1(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("PEFRL_DEBUG", raising=False)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_pefrl_debug_shows_the_traceback(monkeypatch):
+    from pefrl.config import ConfigError
+    from pefrl.errors import PefrlError
+
+    monkeypatch.setenv("PEFRL_DEBUG", "1")
+    with pytest.raises(ConfigError) as info:
+        main(["train", "lr=3e-4"])
+    assert isinstance(info.value, PefrlError) and info.traceback  # raised, so Python prints the traceback
+
+
+def test_every_subcommand_is_registered(capsys):
+    from pefrl.commands import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out.split("{", 1)[1].split("}", 1)[0].split(",") for name in COMMANDS)

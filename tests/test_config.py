@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pefrl.config import Config, ConfigError, load_config, reference
+from pefrl.config import Config, ConfigError
+from pefrl.config_loader import load_config, reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,9 @@ def test_reference_lists_every_field_with_a_docstring():
 
 def test_every_config_field_is_read_somewhere():
     """A field nothing reads is a lie to the user (TRL has several); every field must be read in pefrl/."""
-    source = "\n".join(p.read_text() for p in (REPO / "pefrl").rglob("*.py") if p.name != "config.py")
+    # The loader reads fields generically (dataclasses.fields), so it proves nothing: it is left out too.
+    source = "\n".join(p.read_text() for p in (REPO / "pefrl").rglob("*.py")
+                       if p.name not in ("config.py", "config_loader.py"))
     attrs = {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
     # Derived sizes (properties in config.py) read fields on the caller's behalf.
     config_tree = ast.parse((REPO / "pefrl" / "config.py").read_text())
@@ -105,3 +108,60 @@ def test_every_config_field_is_read_somewhere():
 
     unread = sorted(name for name in walk(Config) if name not in attrs)
     assert not unread, f"config fields never read outside config.py: {unread}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=inf", r"train\.lr must be a finite number, got inf"),  # used to exit 0 with nan adapters
+    ("train.weight_decay=nan", r"train\.weight_decay must be a finite number, got nan"),
+    ("rollout.temperature=.nan", r"rollout\.temperature must be a finite number"),
+    ("rl.kl_target=-.inf", r"rl\.kl_target must be a finite number"),
+])
+def test_non_finite_floats_are_rejected_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_leaf_key_without_its_section_suggests_the_section():
+    with pytest.raises(ConfigError, match=r"unknown config key lr; did you mean train\.lr\?"):
+        load_config(None, ["lr=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown config key rollout\.lr; did you mean train\.lr\?"):
+        load_config(None, ["rollout.lr=1e-4"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is empty"),
+    ("# only a comment\n", "is empty"),
+    ("[]\n", "must hold a mapping of sections.*got a list"),
+    ("train:\n  steps: 3\ntrain:\n  lr: 0.1\n", "line 3: key 'train' is given twice"),
+    ("train:\n  lr: 0.1\n  lr: 0.2\n", "line 3: key 'lr' is given twice"),
+    ("train:\n  steps: [3\n", "not valid YAML"),
+])
+def test_bad_yaml_files_are_named(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"config file {path}.*{message}"):
+        load_config(path)
+
+
+def test_non_utf8_config_names_the_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"train:\n  steps: 3\noutput_dir: runs/caf\xe9\n")  # latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=rf"{path}:3: not UTF-8"):
+        load_config(path)
+
+
+def test_output_dir_empty_is_rejected_and_home_is_expanded():
+    with pytest.raises(ConfigError, match="output_dir must not be empty"):
+        load_config(None, ["output_dir="])
+    with pytest.raises(ConfigError, match="output_dir must not be empty"):
+        load_config(None, ['output_dir=""'])
+    assert load_config(None, ["output_dir=~/runs/x"]).output_dir == str(Path.home() / "runs" / "x")
+
+
+def test_the_loader_is_not_imported_by_the_schema():
+    """Arrows point down: config_loader imports config; config must load without it (no cycle)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pefrl.config; assert 'pefrl.config_loader' not in sys.modules and 'yaml' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

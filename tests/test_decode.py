@@ -5,6 +5,7 @@ import torch
 
 from pefrl import decode
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
+from tests.tolerances import assert_fp32_close
 from pefrl.models import CRITIC, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs
 from pefrl.rollout import generate
 
@@ -167,9 +168,11 @@ def test_a_top_layers_critic_starts_from_the_reference_rows_hidden_states(model_
 
     whole, whole_grads = values_and_grads(None)
     top, top_grads = values_and_grads(s.critic_inputs)
-    torch.testing.assert_close(top, whole, rtol=0, atol=1e-5)
+    # values: reductions over the hidden size (32) and the MLP width (~64) of one layer and the head: K ~ 32 * 64;
+    # gradients also sum over every token of the batch (B x T ~ 4 x 12): K ~ 32 * 64 * 48 (see tests/tolerances.py)
+    assert_fp32_close(top, whole, k=32 * 64)
     for a, b in zip(top_grads, whole_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_fp32_close(a, b, k=32 * 64 * 48)
     assert whole.std() > 0 and any(g.abs().sum() > 0 for g in whole_grads)
 
 

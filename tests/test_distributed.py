@@ -35,7 +35,7 @@ DRIVER = textwrap.dedent("""
     import torch.distributed as dist
     torch.set_num_threads(1)
     import pefrl.trainer as T
-    from pefrl.config import load_config
+    from pefrl.config_loader import load_config
     from pefrl.models import save_adapters
     from pefrl.rollout import Rollout
 

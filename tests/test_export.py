@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pefrl import export as ex
 from pefrl.cli import main
-from pefrl.config import load_config, save_config
+from pefrl.config_loader import load_config, save_config
 from pefrl.models import load_models, save_adapters
 from pefrl.tiny import save_tiny_model
 
@@ -141,3 +141,37 @@ def test_bf16_merged_export_and_checkpoint_sources(base_dir, tmp_path):
         ex.export(run / "checkpoint-2", tmp_path / "bf16", merge=True)
     with pytest.raises(ex.ExportError, match="not a run"):
         ex.resolve_source(tmp_path)
+
+
+def test_max_logit_diff_keeps_a_nan():
+    """Python's max(0.0, nan) is 0.0: a nan export once reported 'max |logit diff| 0' and passed."""
+    ids = torch.tensor([[1, 2]])
+    finite = lambda **kw: type("Out", (), {"logits": torch.zeros(1, 2, 3)})()  # noqa: E731
+    nan = lambda **kw: type("Out", (), {"logits": torch.full((1, 2, 3), float("nan"))})()  # noqa: E731
+    model = torch.nn.Linear(1, 1)  # only for _device
+    a = type("M", (), {"__call__": lambda s, **kw: finite(), "parameters": model.parameters})()
+    b = type("M", (), {"__call__": lambda s, **kw: nan(), "parameters": model.parameters})()
+    tok = lambda text, return_tensors: type("E", (), {"input_ids": ids})()  # noqa: E731
+    assert ex.max_logit_diff(a, a, tok, ["x"]) == 0.0
+    assert torch.isnan(torch.tensor(ex.max_logit_diff(a, b, tok, ["x", "y"])))
+
+
+def test_export_and_eval_refuse_non_finite_weights_naming_the_tensor(base_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from pefrl.commands.eval import evaluate_run
+
+    run, out = tmp_path / "run", tmp_path / "merged"
+    _make_run(run, base_dir)
+    file = run / "final" / "policy" / "adapter_model.safetensors"
+    weights = load_file(str(file))
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("nan")  # what train.lr=inf used to leave behind
+    save_file(weights, str(file))
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out), "--merge"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"tensor {name} holds 1 non-finite" in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(ex.ExportError, match=f"{file}: tensor {name} holds 1 non-finite"):
+        evaluate_run(run, data="builtin:arithmetic-eval", size=2)

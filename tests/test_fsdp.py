@@ -135,7 +135,7 @@ DRIVER = textwrap.dedent("""
     from safetensors.torch import save_file
     torch.set_num_threads(1)
     import pefrl.trainer as T
-    from pefrl.config import load_config
+    from pefrl.config_loader import load_config
     from pefrl.fsdp import sharded_numel
     from pefrl.models import save_adapters
     from transformers.generation.utils import GenerationMixin

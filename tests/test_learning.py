@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pefrl.config import load_config
+from pefrl.config_loader import load_config
 from pefrl.tasks.arithmetic import ensure_default_model
 from pefrl.trainer import train
 

@@ -20,6 +20,7 @@ from pefrl.models import (
 )
 from pefrl.ops.logprobs import selective_logprobs
 from pefrl.tiny import ARCHS, build_model, build_tokenizer
+from tests.tolerances import assert_fp32_close
 
 torch.set_num_threads(1)
 
@@ -117,18 +118,23 @@ def test_policy_forward_chunked_matches_dense_and_shared_values(model_dirs):
     models = _load(model_dirs["qwen2"], critic="shared")
     assert models.critic == "shared" and CRITIC not in models.model.peft_config
     ids, mask, P = _batch(model_dirs["qwen2"])
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: what ran before must not change the draw
     with torch.no_grad():  # move the policy away from the base so the check is not trivial
         for n, p in models.model.named_parameters():
             if "lora_B" in n:
-                p.normal_(std=0.1)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     lp, ent, v = policy_forward(models, ids, mask, P, 0.7, with_values=True)
     lp_c, ent_c, v_c = policy_forward(models, ids, mask, P, 0.7, with_values=True, chunk_size=2)
-    assert torch.allclose(lp, lp_c, atol=1e-5) and torch.allclose(ent, ent_c, atol=1e-5)
-    assert torch.allclose(v, critic_values(models, ids, mask, P), atol=1e-6)
+    # chunking only reorders the vocabulary softmax's sums (V ~ 100) after the trunk's (hidden 32, MLP ~64);
+    # the gradients add the batch's tokens (2 x ~10): K as below (see tests/tolerances.py)
+    assert_fp32_close(lp_c, lp, k=32 * 64 * 128)
+    assert_fp32_close(ent_c, ent, k=32 * 64 * 128)
+    assert_fp32_close(critic_values(models, ids, mask, P), v, k=32 * 64)
     params = models.trainable_parameters()
     g = torch.autograd.grad((lp * ent).sum() + v.sum(), params)
     g_c = torch.autograd.grad((lp_c * ent_c).sum() + v_c.sum(), params)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g, g_c))
+    for a, b in zip(g_c, g):
+        assert_fp32_close(a, b, k=32 * 64 * 128 * 20)
     with pytest.raises(ValueError, match="critic_values"):
         policy_forward(_load(model_dirs["qwen2"]), ids, mask, P, 1.0, with_values=True)
 
@@ -163,6 +169,9 @@ def test_tokenizer_pad_fallbacks(tmp_path):
 def test_resolve_model_path(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         resolve_model_path(ModelConfig(name_or_path=str(tmp_path / "nowhere")))
+    import pefrl.hub
+
+    monkeypatch.setattr(pefrl.hub, "hub_reachable", lambda: True)
     assert resolve_model_path(ModelConfig(name_or_path="org/model")) == "org/model"  # a hub id passes through
     import pefrl.tasks.arithmetic as arithmetic
 

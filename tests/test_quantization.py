@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pefrl.config import LoraConfig, ModelConfig, load_config
+from pefrl.config import LoraConfig, ModelConfig
+from pefrl.config_loader import load_config
 from pefrl.models import (
     is_quantized,
     load_models,

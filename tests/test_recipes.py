@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pefrl.config import load_config
+from pefrl.config_loader import load_config
 from pefrl.data import load_rows
 from pefrl.rewards import load_function
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pefrl.config import load_config
+from pefrl.config_loader import load_config
 from pefrl.tasks import smollm_arith
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pefrl.config import load_config
+from pefrl.config_loader import load_config
 from pefrl.models import critic_values, policy_forward, reference_logprobs, resolve_model_path
 from pefrl.trainer import _backward, setup, train
 

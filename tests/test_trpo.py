@@ -9,7 +9,8 @@ import torch
 
 from pefrl import trpo
 from pefrl.algorithms import RolloutBatch, Targets
-from pefrl.config import LoraConfig, ModelConfig, RLConfig, load_config
+from pefrl.config import LoraConfig, ModelConfig, RLConfig
+from pefrl.config_loader import load_config
 from pefrl.models import load_models, policy_forward
 from pefrl.ops.advantages import masked_mean
 from pefrl.tiny import save_tiny_model

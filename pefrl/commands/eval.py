@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +21,33 @@ def adapter_dir(run_dir: Path, adapter: str) -> Path | None:
     None for 'none' (evaluate the base without adapters)."""
     from pefrl.models import HEADS_FILE
 
+    from pefrl.errors import PathError
+
     if adapter == "none":
         return None
-    for base in (run_dir / adapter, Path(adapter)):
+    for base in (run_dir / adapter, Path(adapter).expanduser()):
         for candidate in (base, base / "adapters"):
             if (candidate / HEADS_FILE).is_file():
                 return candidate
-    raise FileNotFoundError(f"no adapter directory {run_dir / adapter} (nor {adapter}) holding {HEADS_FILE}")
+    raise PathError(f"no adapter directory {run_dir / adapter} (nor {adapter}) holding {HEADS_FILE}")
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "final", size: int | None = None,
                  overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Mean reward of greedy completions of the run's policy on `data` (default: the run's data.eval_prompts)."""
-    from pefrl.config import load_config
+    from pefrl.config_loader import load_config
     from pefrl.data import load_rows
     from pefrl.envs import env_rewards, eval_rows
+    from pefrl.errors import PathError
+    from pefrl.export import check_finite_weights
     from pefrl.models import load_adapters, load_models, load_tokenizer
     from pefrl.rewards import build_scorer
     from pefrl.trainer import evaluate
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist: is {run_dir} a pefrl run directory?")
+        raise PathError(f"{config_path} does not exist: is {run_dir} a pefrl run directory?")
     cfg = load_config(config_path, overrides)
     if cfg.env.name:  # an environment run: held-out games, not prompts
         if data:
@@ -52,15 +57,20 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
         source = data or cfg.data.eval_prompts
         if not source:
             raise ValueError("no prompts: pass --data (the run has no data.eval_prompts)")
-        rows = load_rows(source, cfg.data.prompt_field, cfg.data.split)
+        rows = load_rows(source, cfg.data.prompt_field, cfg.data.split, "--data" if data else "data.eval_prompts")
         rows = rows[:size] if size else rows
     weights = adapter_dir(run_dir, adapter)
+    if weights is not None:
+        check_finite_weights(weights)  # a diverged run's nan policy scores 0, which looks like a real result
     tokenizer = load_tokenizer(cfg.model)
     # No critic: evaluation only needs the policy; load_adapters skips the checkpoint's critic adapter.
     models = load_models(cfg.model, cfg.lora, uses_critic=False)
     if weights is not None:
         load_adapters(models, weights)
     models.model.eval()
+    code = [*cfg.reward.functions, *([cfg.env.name] if cfg.env.name else [])]
+    if code:  # a run directory is code: its config names Python that is imported and run here
+        print(f"pefrl eval: {config_path} makes this import and run: {', '.join(code)}", file=sys.stderr)
     reward_mean = evaluate(models, tokenizer, rows, cfg, build_scorer(cfg.reward, env_rewards(cfg.env)))
     return {"reward_mean": reward_mean, "n": len(rows), "adapter": adapter, "data": source}
 

@@ -14,14 +14,11 @@ import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    from pefrl.export import ExportError, export
+    from pefrl.export import export
 
-    try:
-        report = export(args.source, args.out, merge=args.merge, dtype=args.dtype, value_head=args.value_head,
-                        tolerance=args.tolerance)
-    except ExportError as e:
-        print(f"pefrl export: {e}", file=sys.stderr)
-        return 1
+    # an ExportError (a PefrlError) becomes one line and exit 1 in cli.main
+    report = export(args.source, args.out, merge=args.merge, dtype=args.dtype, value_head=args.value_head,
+                    tolerance=args.tolerance)
     print(json.dumps(report))
     print(f"exported to {args.out}: max |logit diff| vs the trained policy {report['max_abs_diff']:.3g} "
           f"(tolerance {report['tolerance']:g}; the adapter itself moves logits by up to "

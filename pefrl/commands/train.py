@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
-    from pefrl.config import load_config
+    from pefrl.config_loader import load_config
     from pefrl.trainer import train
 
     config, overrides = args.config, list(args.overrides)
