@@ -288,7 +288,7 @@ def test_a_refused_fresh_run_leaves_the_old_run_whole_and_keep_last_spares_other
 
 
 def test_resume_with_a_changed_config_names_every_changed_field(tmp_path):
-    from pefrl.config import load_config
+    from pefrl.config_loader import load_config
     from pefrl.rundir import RESUME_SAFE_FIELDS, RunDirError, resume_config_diff
     from pefrl.trainer import setup
 

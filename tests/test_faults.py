@@ -99,7 +99,7 @@ HANG = """
 import json, os, sys, time
 import torch
 torch.set_num_threads(1)
-from pefrl.config import load_config
+from pefrl.config_loader import load_config
 from pefrl.rewards import RewardError
 from pefrl.trainer import train
 
