@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pefrl.models import load_adapters, save_adapters
+from pefrl.adapters_io import load_adapters, save_adapters
 
 if TYPE_CHECKING:
     from pefrl.trainer import Run

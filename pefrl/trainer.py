@@ -29,16 +29,19 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from pefrl.adapters_io import save_adapters
 from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm, loss_inputs
+from pefrl.arch import context_length
 from pefrl.checkpoint import load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from pefrl.config import Config, save_config
-from pefrl.data import PromptStream, check_prompt_lengths, context_length, format_prompt, load_rows
+from pefrl.data import PromptStream, check_prompt_lengths, format_prompt, load_rows
 from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, play_rows, seed_rows
 from pefrl.envs import eval_rows as env_eval_rows
+from pefrl.forward import critic_values, policy_forward, reference_logprobs
 from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
-from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
+from pefrl.models import Models, load_models, load_tokenizer
 from pefrl.ops.advantages import masked_mean
 from pefrl.ops.kl import kl_estimate, make_kl_controller
 from pefrl.rewards import Scorer, build_scorer
@@ -77,7 +80,7 @@ def setup(
     check_supported(accelerator)  # DeepSpeed / Megatron would shard nothing here: stop, don't run unsharded
     sharded = fsdp_requested(accelerator)
     if sharded:
-        check_fsdp(cfg)
+        check_fsdp(cfg, fsdp_ok=get_algorithm(cfg.algo).update is None)
     algo = get_algorithm(cfg.algo)
     torch.manual_seed(cfg.train.seed)  # identical adapter and value-head init on every rank
     tokenizer = load_tokenizer(cfg.model)
