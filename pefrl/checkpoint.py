@@ -2,7 +2,7 @@
 
 ```
 output_dir/checkpoint-<step>/          <step> = optimizer-step count of RL steps done = the step a resume starts at
-    adapters/                          models.save_adapters: peft adapters + value head (safetensors + JSON)
+    adapters/                          adapters_io.save_adapters: peft adapters + value head (safetensors + JSON)
     optimizer.safetensors              every optimizer state tensor, keyed 'state.<param index>.<name>'
     trainer_state.json                 step, world size, optimizer param_groups and non-tensor state, scheduler,
                                        KL controller, algo_state, prompt-stream position, format version
@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pefrl.models import load_adapters, save_adapters
+from pefrl.adapters_io import load_adapters, save_adapters
 from pefrl.errors import PefrlError
 
 if TYPE_CHECKING:

@@ -156,12 +156,6 @@ class PromptStream:
         self._order = self._make_order()
 
 
-def context_length(model_config) -> int | None:
-    """Positions the model can attend over (max_position_embeddings; GPT-2: n_positions), None if unknown."""
-    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
 def check_prompt_lengths(
     rows: list[dict[str, Any]] | Iterable[dict[str, Any]],
     tokenizer,

@@ -39,8 +39,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from pefrl.arch import context_length
 from pefrl.config import EnvConfig, RolloutConfig
-from pefrl.rollout import Rollout, generate
+from pefrl.rollout import Rollout, generate, left_pad
 
 EVAL_SEED_OFFSET = 1_000_000_007
 """Evaluation episodes use seeds from here on, far from the training seeds."""
@@ -142,8 +143,8 @@ def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: Ro
             out = generate(models, tokenizer, prompts, rollout_cfg, generator)
         else:
             contexts = [episodes[i].query + episodes[i].tokens for i in active]
-            out = generate(models, _PretokenizedPrompts(tokenizer, contexts), [_decode(tokenizer, c) for c in contexts],
-                           rollout_cfg, generator)
+            out = generate(models, tokenizer, [_decode(tokenizer, c) for c in contexts], rollout_cfg, generator,
+                           prompt_ids=contexts)
         explored = explored or out.behaviour_logprobs is not None
         for row, i in enumerate(active):
             if turn == 0:
@@ -174,61 +175,27 @@ def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: Ro
 
 
 def _max_positions(models) -> int | float:
-    from pefrl.data import context_length
-
     config = getattr(models.model, "config", None)
     return (context_length(config) if config is not None else None) or float("inf")
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
-    # For stop strings and logs only: the model is fed the ids themselves (see _PretokenizedPrompts).
+    # The text beside generate's prompt_ids: the model is fed the ids themselves, never this re-encoded.
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-class _PretokenizedPrompts:
-    """The tokenizer, except that encoding the batch of prompts returns the given token ids, left-padded.
-
-    rollout.generate takes prompt strings and encodes them itself; this lets it start from exact ids instead.
-    Everything else (decode, pad/eos ids, stop-string checks) is the wrapped tokenizer's.
-    TODO: drop this once rollout.generate accepts `prompt_ids` directly.
-    """
-
-    def __init__(self, tokenizer, prompt_ids: list[list[int]]):
-        self._tokenizer, self._prompt_ids = tokenizer, prompt_ids
-
-    def __getattr__(self, name: str):
-        return getattr(self._tokenizer, name)
-
-    def __call__(self, texts, **kwargs):
-        from transformers import BatchEncoding
-
-        if len(texts) != len(self._prompt_ids):
-            raise ValueError(f"{len(texts)} prompts to encode but {len(self._prompt_ids)} pre-tokenized ones")
-        P = max(len(ids) for ids in self._prompt_ids)
-        input_ids = torch.full((len(texts), P), self._tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(texts), P), dtype=torch.long)
-        for b, ids in enumerate(self._prompt_ids):
-            input_ids[b, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)  # left padding, as generate asks
-            attention_mask[b, P - len(ids) :] = 1
-        return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
 def _pack(tokenizer, prompts: list[str], episodes: list[_Episode], explored: bool, device) -> EpisodeRollout:
     """Token lists -> left-padded queries (B, P) and right-padded responses (B, T) with their masks."""
     pad = tokenizer.pad_token_id
-    P = max(len(ep.query) for ep in episodes)
+    query_ids, query_mask = left_pad([ep.query for ep in episodes], pad)  # (B, P) each
     T = max(len(ep.tokens) for ep in episodes)
     B = len(episodes)
-    query_ids = torch.full((B, P), pad, dtype=torch.long)
-    query_mask = torch.zeros((B, P), dtype=torch.long)
     response_ids = torch.full((B, T), pad, dtype=torch.long)
     response_mask = torch.zeros((B, T))
     response_attention = torch.zeros((B, T))
     behaviour = torch.zeros((B, T))
     for b, ep in enumerate(episodes):
-        q, t = len(ep.query), len(ep.tokens)
-        query_ids[b, P - q :] = torch.tensor(ep.query, dtype=torch.long)
-        query_mask[b, P - q :] = 1
+        t = len(ep.tokens)
         response_ids[b, :t] = torch.tensor(ep.tokens, dtype=torch.long)
         response_mask[b, :t] = torch.tensor(ep.is_action, dtype=torch.float)
         response_attention[b, :t] = 1.0

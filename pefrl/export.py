@@ -1,7 +1,7 @@
 """Export a trained policy: its LoRA adapter (peft format) or a merged full model, verified before it is kept.
 
 ```
-RUN_DIR/config.yaml + RUN_DIR/final/            a finished run        (adapters: models.save_adapters layout)
+RUN_DIR/config.yaml + RUN_DIR/final/            a finished run        (adapters: adapters_io.save_adapters layout)
 RUN_DIR/checkpoint-<step>/adapters/             a checkpoint          (config: RUN_DIR/config.yaml)
 any dir with pefrl_heads.json                   an adapter directory  (config: the nearest config.yaml above)
 ```
@@ -32,20 +32,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from pefrl.adapters_io import HEADS_FILE, VALUE_HEAD_FILE
 from pefrl.config import Config
 from pefrl.config_loader import load_config
-from pefrl.models import (
-    CRITIC,
-    DTYPES,
-    HEADS_FILE,
-    POLICY,
-    VALUE_HEAD_FILE,
-    load_base,
-    load_tokenizer,
-    quantization_config,
-    resolve_model_path,
-)
 from pefrl.errors import PefrlError
+from pefrl.models import CRITIC, DTYPES, POLICY, load_base, load_tokenizer, quantization_config, resolve_model_path
 
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOLERANCE = 1e-3
@@ -67,7 +58,7 @@ class Source:
     cfg: Config
     """The run's resolved config (its model section says which base and how it was loaded)."""
     adapters: Path
-    """Directory in models.save_adapters layout: policy/, critic/, value_head.safetensors, pefrl_heads.json."""
+    """Directory in adapters_io.save_adapters layout: policy/, critic/, value_head.safetensors, pefrl_heads.json."""
 
 
 def resolve_source(path: str | Path) -> Source:

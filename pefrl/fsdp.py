@@ -30,7 +30,8 @@ import os
 import torch
 from torch import nn
 
-from pefrl.models import Models
+from pefrl.arch import decoder_layers
+from pefrl.models import Models, lora_parameters
 
 
 def fsdp_requested(accelerator) -> bool:
@@ -53,8 +54,11 @@ UNHONOURED = {
 """accelerate FSDP settings (launcher variable: yaml key) that pefrl's sharding does not implement."""
 
 
-def check_fsdp(cfg) -> None:
-    """Config choices FSDP cannot run, in the pefrl config or the accelerate FSDP config: raise naming them."""
+def check_fsdp(cfg, fsdp_ok: bool) -> None:
+    """Config choices FSDP cannot run, in the pefrl config or the accelerate FSDP config: raise naming them.
+
+    fsdp_ok: whether cfg.algo's update can run on a sharded base (the caller asks the algorithm; this module
+    does not import the algorithms)."""
     for var, key in UNHONOURED.items():
         if os.environ.get(var, "false").lower() == "true":
             raise ValueError(f"fsdp_config.{key}: true is not implemented by pefrl's FSDP2 sharding (pefrl/fsdp.py): "
@@ -65,29 +69,16 @@ def check_fsdp(cfg) -> None:
     if cfg.env.name:
         raise ValueError(f"env.name={cfg.env.name} with FSDP: episodes end after different numbers of turns on "
                          "each rank, and every sharded forward is a collective; use ddp.yaml for environments")
-    from pefrl.algorithms import get_algorithm
-
-    if get_algorithm(cfg.algo).update is not None:
+    if not fsdp_ok:
         # TRPO's Fisher-vector products backpropagate again through a retained graph, whose gathered weights
         # FSDP frees after the first backward ("setStorage ... out of bounds for storage of size 0")
         raise ValueError(f"algo={cfg.algo} with FSDP: its own update loop (double backward through a retained "
                          "graph) does not run on a sharded base; use ddp.yaml")
 
 
-def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The modules to shard one by one: those whose class transformers marks as not splittable
-    (`_no_split_modules`, e.g. LlamaDecoderLayer, GPT2Block): one all-gather per layer in the forward."""
-    names = set(getattr(lm, "_no_split_modules", None) or ())
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
-    if not layers:
-        raise NotImplementedError(f"{type(lm).__name__} names no decoder layer class (_no_split_modules={names}); "
-                                  "pefrl cannot choose FSDP units for it")
-    return layers
-
-
 def adapter_parameters(models: Models) -> set[nn.Parameter]:
     """Every LoRA parameter (trained or frozen adapters) and the value head: what stays replicated."""
-    lora = {p for n, p in models.model.named_parameters() if "lora_" in n}
+    lora = set(lora_parameters(models.model))
     return lora | (set(models.value_head.parameters()) if models.value_head is not None else set())
 
 
@@ -99,7 +90,7 @@ def shard_models(models: Models, device: torch.device, reshard_after_forward: bo
 
     - each decoder layer is one FSDP unit: its base weights are sharded, its LoRA weights ignored (replicated);
     - the LM itself is the root unit, with its own weights (embeddings, final norm, lm_head) replicated too:
-      pefrl calls the trunk and lm_head directly (models._response_hidden, LogitsHead), outside the root's
+      pefrl calls the trunk and lm_head directly (forward._response_hidden, arch.LogitsHead), outside the root's
       forward, so the root's parameters must be usable without its all-gather hooks. They are ~2 * vocab *
       hidden values; the decoder layers, the bulk of any large model, are sharded.
     """

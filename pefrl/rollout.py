@@ -24,8 +24,6 @@ from transformers import (
     LogitsProcessorList,
     StoppingCriteria,
     TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 from pefrl import decode
@@ -65,7 +63,7 @@ class Rollout:
     critic_inputs: torch.Tensor | None = None
     """(B, P + T - 1, H) the base's hidden states entering the first layer of a critic adapter on the top
     layers (model.critic_layers), at every position but the last, kept from the sampler's reference rows
-    (with_critic_inputs=True). The critic's forward starts there (models.critic_values); None: from the start."""
+    (with_critic_inputs=True). The critic's forward starts there (forward.critic_values); None: from the start."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -81,7 +79,7 @@ class RecordPolicy(LogitsProcessor):
     log_softmax(logits / temperature), and leaves the scores unchanged.
 
     transformers runs user processors before its own temperature/top-k/top-p warpers, so the scores seen here
-    are the raw logits: the recorded logprobs are exactly what `models.policy_forward` computes (up to the float
+    are the raw logits: the recorded logprobs are exactly what `forward.policy_forward` computes (up to the float
     noise between a KV-cached and a full forward), which saves the trainer the old-logprob forward. The token
     sampled at step t is only seen at step t + 1 (in input_ids), so one (B, V) step is kept, never all T.
     """
@@ -134,8 +132,7 @@ class EpsilonGreedy(RecordPolicy):
         super().__init__(temperature)
         self.epsilon = epsilon
         warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-        warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
-        warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        warpers += decode.truncation_warpers(top_k, top_p)
         self.warpers = LogitsProcessorList(warpers)
         self.policy = RecordPolicy(temperature)  # the policy's own logprobs, beside the mixture's
 
@@ -203,6 +200,17 @@ def _seed_from(generator: torch.Generator | None) -> int | None:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded ids (B, P) and mask (B, P), P the longest: generation appends on the right."""
+    P = max(len(ids) for ids in seqs)
+    padded = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for b, ids in enumerate(seqs):
+        padded[b, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[b, P - len(ids) :] = 1
+    return padded, mask
+
+
 def _encode(tokenizer, prompts: list[str], prompt_ids: list[list[int]] | None):
     """Left-padded (B, P) ids and mask: the prompts encoded, or `prompt_ids` as given."""
     if prompt_ids is None:
@@ -213,13 +221,7 @@ def _encode(tokenizer, prompts: list[str], prompt_ids: list[list[int]] | None):
         return enc.input_ids, enc.attention_mask
     if len(prompt_ids) != len(prompts) or not all(prompt_ids):
         raise ValueError(f"prompt_ids: need {len(prompts)} non-empty id lists, got {[len(p) for p in prompt_ids]}")
-    P = max(len(ids) for ids in prompt_ids)
-    query_ids = torch.full((len(prompt_ids), P), tokenizer.pad_token_id, dtype=torch.long)  # (B, P)
-    query_mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
-    for b, ids in enumerate(prompt_ids):
-        query_ids[b, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        query_mask[b, P - len(ids) :] = 1
-    return query_ids, query_mask
+    return left_pad(prompt_ids, tokenizer.pad_token_id)
 
 
 def _response_length(tokenizer, tokens: list[int], eos_ids: list[int], stop: list[str]) -> tuple[int, str]:

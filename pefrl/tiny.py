@@ -1,7 +1,9 @@
-"""Tiny causal LMs built offline from config, with a BPE tokenizer trained by `tokenizers`.
+"""Tiny causal LMs built offline from config, with a BPE tokenizer trained by `tokenizers`, and where the
+embedded default model lives.
 
-Used by the tests (Llama, Qwen2 and GPT-2 architectures) and by scripts/build_tiny_model.py, which trains the
-embedded default model. Everything here runs in seconds on a CPU and touches no hub.
+Used by the tests (Llama, Qwen2 and GPT-2 architectures) and by pefrl.tasks.arithmetic_model (CLI:
+scripts/build_tiny_model.py), which trains the embedded default model. Everything here runs in seconds on a CPU
+and touches no hub.
 """
 
 from __future__ import annotations
@@ -24,6 +26,19 @@ from transformers import (
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ARCHS = ("llama", "qwen2", "gpt2")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-arith"
+"""The embedded default model (tokenizer + tiny Llama trained on two-digit addition), shipped as package data;
+built by pefrl.tasks.arithmetic_model."""
+BUILD_HINT = "python -m pefrl.tasks.arithmetic_model"
+
+
+def default_model_dir() -> Path:
+    """DEFAULT_MODEL_DIR, or FileNotFoundError naming the build command when it is missing (a source checkout
+    whose asset was deleted; wheels ship it)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded default model is missing at {DEFAULT_MODEL_DIR}; build it (a few "
+                                f"CPU-minutes): {BUILD_HINT}, or set model.name_or_path")
+    return DEFAULT_MODEL_DIR
 
 
 def default_corpus() -> list[str]:

@@ -29,16 +29,19 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from pefrl.adapters_io import save_adapters
 from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm, loss_inputs
+from pefrl.arch import context_length
 from pefrl.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from pefrl.config import Config
-from pefrl.data import PromptStream, check_prompt_lengths, context_length, format_prompt, load_rows
+from pefrl.data import PromptStream, check_prompt_lengths, format_prompt, load_rows
 from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, play_rows, seed_rows
 from pefrl.envs import eval_rows as env_eval_rows
+from pefrl.forward import critic_values, policy_forward, reference_logprobs
 from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
-from pefrl.models import Models, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs, save_adapters
+from pefrl.models import Models, load_models, load_tokenizer
 from pefrl.ops.advantages import masked_mean
 from pefrl.ops.kl import kl_estimate, make_kl_controller
 from pefrl.rewards import Scorer, build_scorer, reduce_stats
@@ -79,7 +82,7 @@ def setup(
     resumed_from = resolve_run(cfg)  # None: fresh; refuses a used output_dir or a changed config before loading
     sharded = fsdp_requested(accelerator)
     if sharded:
-        check_fsdp(cfg)
+        check_fsdp(cfg, fsdp_ok=get_algorithm(cfg.algo).update is None)
     algo = get_algorithm(cfg.algo)
     torch.manual_seed(cfg.train.seed)  # identical adapter and value-head init on every rank
     tokenizer = load_tokenizer(cfg.model)

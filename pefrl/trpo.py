@@ -38,7 +38,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pefrl.algorithms import Algorithm, RolloutBatch, Targets, _common_stats, gae_targets, register
 from pefrl.config import RLConfig
-from pefrl.models import POLICY, Models, critic_values, policy_forward
+from pefrl.forward import critic_values, policy_forward
+from pefrl.models import POLICY, Models
 from pefrl.ops.advantages import masked_mean
 from pefrl.ops.kl import kl_estimate
 from pefrl.ops.losses import aggregate, clipped_value_loss, entropy_bonus

@@ -20,7 +20,8 @@ import torch
 import bench  # scripts/bench.py: the same models the TRL benchmark uses
 from pefrl import rollout as rollout_module
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
-from pefrl.models import critic_values, load_models, load_tokenizer, reference_logprobs
+from pefrl.forward import critic_values, reference_logprobs
+from pefrl.models import load_models, load_tokenizer
 from pefrl.rollout import generate
 
 

@@ -6,9 +6,9 @@
 
 Each variant runs in its own fresh subprocess (so one variant's freed memory cannot hide another's peak):
 - head level (default): hidden (B, T, H) with grad -> lm_head (frozen, as under LoRA) -> logprobs and entropy ->
-  backward into hidden. `dense` builds the (B*T, V) logits at once (models.policy_forward with chunk_size=None);
+  backward into hidden. `dense` builds the (B*T, V) logits at once (forward.policy_forward with chunk_size=None);
   `chunk=N` is ops.logprobs.chunked_logprobs (N positions at a time, recomputed in backward).
-- model level (--model): models.policy_forward of a LoRA policy on that base, prompt 32 tokens + T response.
+- model level (--model): forward.policy_forward of a LoRA policy on that base, prompt 32 tokens + T response.
 Peak = on CUDA torch.cuda.max_memory_allocated minus the memory held before the step; on CPU the process's peak
 RSS (getrusage ru_maxrss) minus its RSS before the step (tracemalloc does not see torch's allocations).
 """
@@ -67,7 +67,7 @@ def _model_inputs(args, torch, device):
 
 
 def _model_step(args, torch, chunk, inputs):
-    from pefrl.models import policy_forward
+    from pefrl.forward import policy_forward
 
     models, ids, mask, prompt_len = inputs
     logprobs, entropy, _ = policy_forward(models, ids, mask, prompt_len, 1.0, chunk_size=chunk)

@@ -14,7 +14,8 @@ import pytest
 
 from pefrl.config import DataConfig, LoraConfig, ModelConfig
 from pefrl.config_loader import load_config
-from pefrl.data import DataError, check_prompt_lengths, context_length, load_rows
+from pefrl.arch import context_length
+from pefrl.data import DataError, check_prompt_lengths, load_rows
 from pefrl.models import load_models, load_tokenizer
 from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
 

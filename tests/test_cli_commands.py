@@ -124,7 +124,8 @@ def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     from pefrl.config import Config
     from pefrl.config_loader import save_config
     from pefrl.data import load_rows
-    from pefrl.models import load_models, load_tokenizer, save_adapters
+    from pefrl.adapters_io import save_adapters
+    from pefrl.models import load_models, load_tokenizer
     from pefrl.tiny import build_model, build_tokenizer
     from pefrl.trainer import evaluate
 

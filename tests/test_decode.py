@@ -6,7 +6,8 @@ import torch
 from pefrl import decode
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
 from tests.tolerances import assert_fp32_close
-from pefrl.models import CRITIC, critic_values, load_models, load_tokenizer, policy_forward, reference_logprobs
+from pefrl.forward import critic_values, policy_forward, reference_logprobs
+from pefrl.models import CRITIC, load_models, load_tokenizer
 from pefrl.rollout import generate
 
 from test_models import model_dirs  # noqa: F401  (module-scoped fixture: tiny models saved to tmp dirs)

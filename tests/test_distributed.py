@@ -36,7 +36,7 @@ DRIVER = textwrap.dedent("""
     torch.set_num_threads(1)
     import pefrl.trainer as T
     from pefrl.config_loader import load_config
-    from pefrl.models import save_adapters
+    from pefrl.adapters_io import save_adapters
     from pefrl.rollout import Rollout
 
     mode = os.environ.get("DIST_MODE", "")
@@ -260,7 +260,8 @@ ZERO_PROBE = textwrap.dedent("""
     torch.set_num_threads(1)
     import deepspeed
     from pefrl.config import LoraConfig, ModelConfig
-    from pefrl.models import load_models, policy_forward
+    from pefrl.forward import policy_forward
+    from pefrl.models import load_models
     from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
 
     stage, out = int(sys.argv[1]), sys.argv[2]

@@ -9,7 +9,7 @@ import torch
 import pefrl.envs as envs_module
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
 from pefrl.envs import EVAL_SEED_OFFSET, Environment, eval_rows, make_envs, rollout_episodes, seed_rows
-from pefrl.rollout import Rollout
+from pefrl.rollout import Rollout, left_pad
 from pefrl.tasks.games import GuessingGame, ShapedGuessingGame, TicTacToe, first_integer
 from pefrl.tiny import build_tokenizer, save_tiny_model
 
@@ -112,13 +112,17 @@ def _scripted_generate(tok, answers):
     """A stand-in for rollout.generate: encodes prompts as it does and answers `answers[turn]` + EOS."""
     calls = []
 
-    def fake(models, tokenizer, prompts, cfg, generator=None):
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    def fake(models, tokenizer, prompts, cfg, generator=None, prompt_ids=None):
+        if prompt_ids is None:
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            query_ids, query_mask = enc.input_ids, enc.attention_mask
+        else:  # later turns: the exact ids of the episode so far
+            query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
         text = answers[len(calls)]
         ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         calls.append(prompts)
         response = torch.tensor([ids] * len(prompts))
-        return Rollout(enc.input_ids, enc.attention_mask, response, torch.ones(response.shape), [text] * len(prompts))
+        return Rollout(query_ids, query_mask, response, torch.ones(response.shape), [text] * len(prompts))
 
     return fake, calls
 
@@ -193,7 +197,7 @@ def tiny_models(tmp_path_factory):
 
 
 def test_packed_logprobs_match_sampling(tiny_models, monkeypatch):
-    from pefrl.models import policy_forward
+    from pefrl.forward import policy_forward
 
     models, tok = tiny_models
     turns: list[Rollout] = []

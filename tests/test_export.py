@@ -1,6 +1,6 @@
 """`pefrl export`: adapter-only and merged exports load with plain peft / transformers and reproduce the policy.
 
-Run directories are written the way the trainer writes them (config.yaml + final/ from models.save_adapters),
+Run directories are written the way the trainer writes them (config.yaml + final/ from adapters_io.save_adapters),
 with LoRA B drawn at std 0.1 so the adapter moves logits by O(1): a merge that lost or mis-scaled the adapter
 would miss by that much, far above the 1e-4 the fp32 export must meet.
 """
@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pefrl import export as ex
 from pefrl.cli import main
 from pefrl.config_loader import load_config, save_config
-from pefrl.models import load_models, save_adapters
+from pefrl.adapters_io import save_adapters
+from pefrl.models import load_models
 from pefrl.tiny import save_tiny_model
 
 torch.set_num_threads(1)

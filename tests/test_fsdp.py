@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from pefrl.config import LoraConfig, ModelConfig
-from pefrl.fsdp import check_fsdp, decoder_layers, fsdp_requested, sharded_numel, trim_eval_rows
+from pefrl.arch import decoder_layers
+from pefrl.fsdp import check_fsdp, fsdp_requested, sharded_numel, trim_eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "recipes" / "accelerate"
@@ -41,20 +42,24 @@ def test_fsdp_requested_reads_the_distributed_type_or_the_launchers_variable(mon
 def test_check_fsdp_refuses_quantized_bases_environments_trpo_and_unimplemented_settings(monkeypatch):
     cfg = lambda quant=None, env=None, algo="ppo": SimpleNamespace(model=SimpleNamespace(quantization=quant),
                                                                    env=SimpleNamespace(name=env), algo=algo)
+    from pefrl.algorithms import get_algorithm
+
+    fsdp_ok = lambda c: get_algorithm(c.algo).update is None  # what the trainer passes: no own update loop
+    check = lambda c: check_fsdp(c, fsdp_ok(c))
     for var in ("FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
         monkeypatch.setenv(var, "false")  # what `accelerate launch` exports for fsdp_cpu_2ranks.yaml
-    check_fsdp(cfg())
+    check(cfg())
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     with pytest.raises(ValueError, match="fsdp_config.fsdp_offload_params: true is not implemented"):
-        check_fsdp(cfg())
+        check(cfg())
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
     with pytest.raises(ValueError, match="model.quantization=4bit with FSDP.*ddp.yaml"):
-        check_fsdp(cfg(quant="4bit"))
+        check(cfg(quant="4bit"))
     with pytest.raises(ValueError, match="env.name=pkg:Env with FSDP.*different numbers of turns"):
-        check_fsdp(cfg(env="pkg:Env"))
+        check(cfg(env="pkg:Env"))
     with pytest.raises(ValueError, match="algo=trpo with FSDP: its own update loop"):
-        check_fsdp(cfg(algo="trpo"))
-    check_fsdp(cfg(algo="grpo"))
+        check(cfg(algo="trpo"))
+    check(cfg(algo="grpo"))
 
 
 def test_trim_eval_rows_gives_every_rank_the_same_count():
@@ -92,7 +97,8 @@ def test_shard_models_on_one_rank_keeps_outputs_and_replicates_adapters(one_rank
     from torch.distributed.tensor import DTensor
 
     from pefrl.fsdp import adapter_parameters, shard_models
-    from pefrl.models import critic_values, load_models, policy_forward
+    from pefrl.forward import critic_values, policy_forward
+    from pefrl.models import load_models
     from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
 
     torch.manual_seed(0)
@@ -137,7 +143,7 @@ DRIVER = textwrap.dedent("""
     import pefrl.trainer as T
     from pefrl.config_loader import load_config
     from pefrl.fsdp import sharded_numel
-    from pefrl.models import save_adapters
+    from pefrl.adapters_io import save_adapters
     from transformers.generation.utils import GenerationMixin
 
     seen = {"synced": set(), "waited": 0}  # does generate keep a rank whose rows are done stepping with the others?
@@ -208,7 +214,8 @@ def _steps(out: Path) -> list[int]:
 @pytest.mark.slow  # five two-rank launches, ~100 s on 2 cores
 def test_fsdp_two_ranks_shard_the_base_train_adapters_resume_and_match_ddp(tmp_path):
     """PPO with a critic adapter, 3 steps, gradient accumulation 2, evaluation before and after."""
-    from pefrl.models import load_adapters, load_models
+    from pefrl.adapters_io import load_adapters
+    from pefrl.models import load_models
     from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
 
     fsdp = _launch(tmp_path, tmp_path / "fsdp", "fsdp_cpu_2ranks.yaml", "train.steps=3")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pefrl.config_loader import load_config
-from pefrl.tasks.arithmetic import ensure_default_model
+from pefrl.tasks.arithmetic_model import ensure_default_model
 from pefrl.trainer import train
 
 torch.set_num_threads(1)

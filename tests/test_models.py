@@ -4,20 +4,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pefrl.config import LoraConfig, ModelConfig
-from pefrl.models import (
-    CRITIC,
-    POLICY,
-    default_target_modules,
-    load_adapters,
-    load_models,
-    load_tokenizer,
-    policy_forward,
-    critic_values,
-    reference_logprobs,
-    resolve_model_path,
-    save_adapters,
-    use_adapter,
-)
+from pefrl.adapters_io import load_adapters, save_adapters
+from pefrl.arch import default_target_modules
+from pefrl.forward import critic_values, policy_forward, reference_logprobs
+from pefrl.models import CRITIC, POLICY, load_models, load_tokenizer, resolve_model_path, use_adapter
 from pefrl.ops.logprobs import selective_logprobs
 from pefrl.tiny import ARCHS, build_model, build_tokenizer
 from tests.tolerances import assert_fp32_close
@@ -152,6 +142,16 @@ def test_default_and_wrong_target_modules(model_dirs):
     assert {n.split(".")[-4] for n, _ in models.model.named_parameters() if "lora_A" in n} == {"v_proj"}
 
 
+def test_a_family_without_a_file_gets_the_generic_facts():
+    from pefrl import arch
+
+    assert arch.family("qwen2").lean_projections == arch.family("llama").lean_projections != ()
+    assert arch.family("gpt2").lean_projections == () and arch.family("falcon") is arch.GENERIC
+    # generic: Llama-like names when the model has them, else every linear layer (sorted)
+    assert arch.GENERIC.default_targets({"q_proj", "v_proj", "dense"}) == ["q_proj", "v_proj"]
+    assert arch.GENERIC.default_targets({"query_key_value", "dense"}) == ["dense", "query_key_value"]
+
+
 def test_tokenizer_pad_fallbacks(tmp_path):
     tok = build_tokenizer()
     tok.padding_side = "right"
@@ -173,9 +173,11 @@ def test_resolve_model_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pefrl.hub, "hub_reachable", lambda: True)
     assert resolve_model_path(ModelConfig(name_or_path="org/model")) == "org/model"  # a hub id passes through
-    import pefrl.tasks.arithmetic as arithmetic
+    import pefrl.tiny as tiny
 
-    monkeypatch.setattr(arithmetic, "DEFAULT_MODEL_DIR", tmp_path)
+    monkeypatch.setattr(tiny, "DEFAULT_MODEL_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="pefrl.tasks.arithmetic_model"):  # missing: says how to build it
+        resolve_model_path(ModelConfig())
     (tmp_path / "config.json").write_text("{}")  # "already built": nothing to build
     assert resolve_model_path(ModelConfig()) == str(tmp_path)
 

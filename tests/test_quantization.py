@@ -13,14 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from pefrl.config import LoraConfig, ModelConfig
 from pefrl.config_loader import load_config
-from pefrl.models import (
-    is_quantized,
-    load_models,
-    policy_forward,
-    critic_values,
-    quantization_config,
-    reference_logprobs,
-)
+from pefrl.forward import critic_values, policy_forward, reference_logprobs
+from pefrl.models import is_quantized, load_models, quantization_config
 from pefrl.ops.logprobs import selective_logprobs
 from pefrl.tiny import save_tiny_model
 

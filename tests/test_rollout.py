@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
-from pefrl.models import POLICY, load_models, load_tokenizer, policy_forward, use_adapter
+from pefrl.forward import policy_forward
+from pefrl.models import POLICY, load_models, load_tokenizer, use_adapter
 from pefrl.rollout import _response_length, generate
 from pefrl.tiny import ARCHS, build_tokenizer
 

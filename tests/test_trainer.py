@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pefrl.config_loader import load_config
-from pefrl.models import critic_values, policy_forward, reference_logprobs, resolve_model_path
+from pefrl.forward import critic_values, policy_forward, reference_logprobs
+from pefrl.models import resolve_model_path
 from pefrl.trainer import _backward, setup, train
 
 REQUIRED = ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "step_time_s", "step_cpu_s",

@@ -11,7 +11,8 @@ from pefrl import trpo
 from pefrl.algorithms import RolloutBatch, Targets
 from pefrl.config import LoraConfig, ModelConfig, RLConfig
 from pefrl.config_loader import load_config
-from pefrl.models import load_models, policy_forward
+from pefrl.forward import policy_forward
+from pefrl.models import load_models
 from pefrl.ops.advantages import masked_mean
 from pefrl.tiny import save_tiny_model
 from pefrl.trpo import (

@@ -16,10 +16,10 @@ from typing import Any
 
 
 def adapter_dir(run_dir: Path, adapter: str) -> Path | None:
-    """The directory holding the adapters (models.save_adapters layout) named by `adapter`: RUN_DIR/<adapter>,
+    """The directory holding the adapters (adapters_io.save_adapters layout) named by `adapter`: RUN_DIR/<adapter>,
     e.g. final/, or a checkpoint's adapters/ (RUN_DIR/checkpoint-<step>/adapters), or <adapter> as a path.
     None for 'none' (evaluate the base without adapters)."""
-    from pefrl.models import HEADS_FILE
+    from pefrl.adapters_io import HEADS_FILE
 
     from pefrl.errors import PathError
 
@@ -38,9 +38,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     from pefrl.config_loader import load_config
     from pefrl.data import load_rows
     from pefrl.envs import env_rewards, eval_rows
+    from pefrl.adapters_io import load_adapters
     from pefrl.errors import PathError
     from pefrl.export import check_finite_weights
-    from pefrl.models import load_adapters, load_models, load_tokenizer
+    from pefrl.models import load_models, load_tokenizer
     from pefrl.rewards import build_scorer
     from pefrl.trainer import evaluate
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-arith"
-"""Where the embedded default model (tokenizer + tiny Llama) lives; built by scripts/build_tiny_model.py."""
+from pefrl.tiny import DEFAULT_MODEL_DIR  # noqa: F401  where the default model lives (built by arithmetic_model)
+
 EVAL_SIZE = 1000
 """Number of held-out (a, b) pairs."""
 DROP_PROB = 0.65
@@ -151,19 +151,3 @@ def evaluate(
     if num_samples > 1:
         result[f"pass@{num_samples}"] = scores.max(dim=1).values.mean().item()
     return result
-
-
-def ensure_default_model(model_dir: Path = DEFAULT_MODEL_DIR) -> Path:
-    """The default model's directory, building it first (about 3 CPU-minutes) if it is missing."""
-    if (Path(model_dir) / "config.json").is_file():
-        return Path(model_dir)
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[2] / "scripts" / "build_tiny_model.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"default model missing at {model_dir} and no build script at {script}")
-    spec = importlib.util.spec_from_file_location("build_tiny_model", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.build(Path(model_dir))
-    return Path(model_dir)
