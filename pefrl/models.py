@@ -38,7 +38,7 @@ from transformers.pytorch_utils import Conv1D
 
 from pefrl.config import LoraConfig, ModelConfig
 from pefrl.errors import PathError, looks_local
-from pefrl.hub import check_hub_name
+from pefrl.hub import check_hub_name, missing_model_error
 from pefrl.ops.logprobs import chunked_logprobs, entropy_from_logits, linear_logprobs, selective_logprobs
 
 
@@ -104,7 +104,7 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
         return str(arithmetic.ensure_default_model(arithmetic.DEFAULT_MODEL_DIR))
     if looks_local(name) or Path(name).exists():
         if not Path(name).expanduser().exists():
-            raise PathError(f"model.name_or_path {name} does not exist (a local path: not looked up on the hub)")
+            raise missing_model_error(name)  # names the preparation commands for pefrl's cache
         return str(Path(name).expanduser())
     check_hub_name(name, "model.name_or_path")  # offline: at once, not after the hub client's retries
     return name
