@@ -8,6 +8,8 @@ import os
 import re
 import sys
 
+from pefrl import _quiet  # noqa: F401  (known third-party noise off before any command imports the libraries)
+
 EXAMPLES = """examples:
   pefrl train recipes/configs/arithmetic_ppo.yaml                 # PPO on the embedded tiny model
   pefrl train recipes/configs/arithmetic_ppo.yaml train.steps=50 rollout.temperature=0.8
@@ -69,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. pefrl's own errors (a bad config, data, reward, path, checkpoint) print as one line
     naming what is wrong and exit 1; PEFRL_DEBUG=1 shows their traceback too. Other exceptions are bugs and
     keep their traceback."""
-    from pefrl import _quiet  # noqa: F401  (known third-party noise off before any command imports it)
-
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     argv, overrides = split_overrides(parser, argv)
