@@ -164,8 +164,9 @@ class EnvConfig:
 @dataclass
 class RewardConfig:
     functions: list[str] = field(default_factory=list)
-    """Reward functions by import path, 'pkg.module:function' or 'path/to/file.py:function'. Signature:
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float]."""
+    """Reward functions by import path, 'pkg.module:function' or 'path/to/file.py:function'; from Python also
+    callables (logged as reward/<__name__>). Signature: fn(prompts: list[str], completions: list[str], **columns)
+    -> list[float]."""
     weights: list[float] | None = None
     """One weight per reward function (default: all 1.0). The reward is the weighted sum."""
     model: str | None = None

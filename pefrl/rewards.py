@@ -36,6 +36,7 @@ remote calls): a function that needs the whole batch at once (ranking within it)
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -59,6 +60,7 @@ import torch
 
 from pefrl.config import RewardConfig
 from pefrl.errors import PefrlError
+from pefrl.saved import reward_name, unimportable_name
 
 RewardFn = Callable[..., Sequence[float]]
 COUNTS = ("reward_failures", "reward_batch_retries")  # summed over ranks; the other reward stats are means
@@ -367,6 +369,40 @@ class Scorer:
                           f"it is re-run sample by sample each time (counted in reward_batch_retries)", stacklevel=3)
 
 
+def supply_rewards(cfg: RewardConfig, rewards: Sequence[RewardFn | str]) -> RewardConfig:
+    """A copy of cfg where each given reward (a callable or a 'module:fn' / 'file.py:fn' spec) replaces the
+    entry of reward.functions with the same name: how a saved run's `<callable>:name` rewards are supplied again.
+    A given reward that matches no entry is an error: adding one would change what the run's reward means."""
+    functions = list(cfg.functions)
+    names = [reward_name(f) if callable(f) else str(f).rpartition(":")[2] for f in functions]
+    for given in rewards:
+        fn = given if callable(given) else load_function(given)
+        name = reward_name(fn)
+        if name not in names:
+            raise RewardError(f"reward {name} ({given}) matches none of the run's reward functions "
+                              f"({', '.join(names) or 'none'}); a given reward replaces the one of the same name. "
+                              "To score with other rewards, override reward.functions=[...]")
+        functions[names.index(name)] = fn
+    return dataclasses.replace(cfg, functions=functions)
+
+
+def _reward_function(spec: str | RewardFn, given: dict[str, RewardFn]) -> tuple[str, RewardFn]:
+    """(name, callable) of one reward.functions entry; a `<callable>:name` one is taken out of `given`."""
+    if callable(spec):
+        return reward_name(spec), spec
+    name = unimportable_name(spec)
+    if name is None:
+        return spec.rpartition(":")[2], load_function(spec)
+    if name not in given:
+        raise RewardError(
+            f"reward function {name} was a Python callable that cannot be re-imported (defined in __main__, a "
+            f"lambda or a closure), so the run recorded only its name ({spec}). Pass it again: on the command line "
+            f"`--reward path/to/file.py:{name}` or `--reward package.module:{name}`; in Python "
+            f"`pefrl.evaluate(run_dir, rewards=[{name}])` or `pefrl.train(config, rewards=[{name}])`. Defining it "
+            "in an importable module records it by import path instead")
+    return name, given.pop(name)
+
+
 def reduce_stats(stats: dict[str, float], n: int, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
     """One rank's Scorer stats over its n samples -> all ranks': means weighted by each rank's n, counts summed.
     reduce_sum sums a (K,) tensor over ranks (`accelerator.reduce(t, "sum")`): a collective, every rank calls it."""
@@ -377,10 +413,13 @@ def reduce_stats(stats: dict[str, float], n: int, reduce_sum: Callable[[torch.Te
 
 
 def build_scorer(cfg: RewardConfig, extra: Sequence[tuple[str, RewardFn]] = ()) -> Scorer:
-    """Scorer from config: functions by import path (weights), the reward model, and any callables passed in."""
+    """Scorer from config: functions by import path or as callables (weights), the reward model, and any
+    (name, callable) passed in `extra`. A `<callable>:name` entry (a saved run's reward that cannot be re-imported,
+    pefrl/saved.py) takes the callable of that name from `extra`; the other `extra` callables are added, weight 1."""
     weights = cfg.weights or [1.0] * len(cfg.functions)
-    functions = [(spec.rpartition(":")[2], load_function(spec), w) for spec, w in zip(cfg.functions, weights)]
-    functions += [(name, fn, 1.0) for name, fn in extra]
+    given = dict(extra)
+    functions = [(*_reward_function(spec, given), w) for spec, w in zip(cfg.functions, weights)]
+    functions += [(name, fn, 1.0) for name, fn in given.items()]
     if cfg.model:
         functions.append(("reward_model", RewardModel(cfg.model), cfg.model_weight))
     if not functions:

@@ -34,6 +34,7 @@ from pefrl.checkpoint import PREFIX, RUN_FILE, TMP_PREFIX, list_checkpoints, res
 from pefrl.config import Config, ConfigError
 from pefrl.config_loader import load_config, save_config
 from pefrl.metrics import atomic_write_text
+from pefrl.saved import saved_form
 
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "summary.json", "final", RUN_FILE)
 
@@ -105,7 +106,7 @@ def check_resume_config(saved_path: Path, cfg: Config) -> None:
         saved = load_config(saved_path)
     except ConfigError as e:
         raise RunDirError(f"train.resume: cannot read the run's saved config {saved_path}: {e}") from None
-    changed = resume_config_diff(saved, cfg)
+    changed = resume_config_diff(saved_form(saved), saved_form(cfg))  # paths absolute on both sides
     if changed:
         raise RunDirError(
             f"train.resume: the config differs from the run's {saved_path} in {'; '.join(changed)}. A checkpoint "

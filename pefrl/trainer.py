@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ from pefrl.ops.kl import kl_estimate, make_kl_controller
 from pefrl.rewards import Scorer, build_scorer, reduce_stats
 from pefrl.rollout import Rollout, generate, use_pefrl_engine
 from pefrl.rundir import resolve_run, start_run
+from pefrl.startline import start_line
 
 
 @dataclass
@@ -95,6 +97,7 @@ def setup(
     models.model.to(accelerator.device)
     if models.value_head is not None:
         models.value_head.to(accelerator.device)
+    accelerator.print(start_line(cfg, models, accelerator.num_processes, accelerator.device))
     scorer = build_scorer(cfg.reward, [*env_rewards(cfg.env), *extra_rewards])
     if cfg.env.name:  # rows are environment seeds; the environment writes the prompts (pefrl/envs.py)
         rows, eval_rows = seed_rows(cfg.train.seed), _eval_rows(cfg)
@@ -148,7 +151,8 @@ def train(
         restore_rng(run.resumed_from, rank)  # here, not in setup: evaluation above draws from the RNG too
     t_start, bad_steps, steps_done = time.perf_counter(), 0, run.start_step
     bar = tqdm(total=cfg.train.steps, initial=run.start_step, desc=f"pefrl {cfg.algo}", unit="step",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
+               disable=not accelerator.is_main_process or not sys.stderr.isatty(),  # a log file: progress lines
+               dynamic_ncols=True)
     for step in range(run.start_step, cfg.train.steps):
         timer = Timer()
         t0, cpu0 = time.perf_counter(), time.process_time()

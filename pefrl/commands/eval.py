@@ -33,8 +33,10 @@ def adapter_dir(run_dir: Path, adapter: str) -> Path | None:
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "final", size: int | None = None,
-                 overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Mean reward of greedy completions of the run's policy on `data` (default: the run's data.eval_prompts)."""
+                 overrides: list[str] | tuple[str, ...] = (), rewards: list | tuple = ()) -> dict[str, Any]:
+    """Mean reward of greedy completions of the run's policy on `data` (default: the run's data.eval_prompts).
+    rewards: callables or 'module:fn' specs, each replacing the run's reward function of the same name
+    (rewards.supply_rewards): how a run trained with callables that cannot be re-imported is scored."""
     from pefrl.config_loader import load_config
     from pefrl.data import load_rows
     from pefrl.envs import env_rewards, eval_rows
@@ -42,7 +44,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     from pefrl.errors import PathError
     from pefrl.export import check_finite_weights
     from pefrl.models import load_models, load_tokenizer
-    from pefrl.rewards import build_scorer
+    from pefrl.rewards import build_scorer, supply_rewards
     from pefrl.trainer import evaluate
 
     run_dir = Path(run_dir).expanduser()
@@ -63,21 +65,23 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     weights = adapter_dir(run_dir, adapter)
     if weights is not None:
         check_finite_weights(weights)  # a diverged run's nan policy scores 0, which looks like a real result
+    code = [*cfg.reward.functions, *([cfg.env.name] if cfg.env.name else [])]
+    if code:  # a run directory is code: its config names Python that is imported and run here
+        print(f"pefrl eval: {config_path} makes this import and run: {', '.join(code)}", file=sys.stderr)
+    reward_cfg = supply_rewards(cfg.reward, rewards)
+    scorer = build_scorer(reward_cfg, env_rewards(cfg.env))  # before the model: a missing reward fails at once
     tokenizer = load_tokenizer(cfg.model)
     # No critic: evaluation only needs the policy; load_adapters skips the checkpoint's critic adapter.
     models = load_models(cfg.model, cfg.lora, uses_critic=False)
     if weights is not None:
         load_adapters(models, weights)
     models.model.eval()
-    code = [*cfg.reward.functions, *([cfg.env.name] if cfg.env.name else [])]
-    if code:  # a run directory is code: its config names Python that is imported and run here
-        print(f"pefrl eval: {config_path} makes this import and run: {', '.join(code)}", file=sys.stderr)
-    reward_mean = evaluate(models, tokenizer, rows, cfg, build_scorer(cfg.reward, env_rewards(cfg.env)))
+    reward_mean = evaluate(models, tokenizer, rows, cfg, scorer)
     return {"reward_mean": reward_mean, "n": len(rows), "adapter": adapter, "data": source}
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_run(args.run_dir, args.data, args.adapter, args.size, args.overrides)
+    result = evaluate_run(args.run_dir, args.data, args.adapter, args.size, args.overrides, args.reward)
     print(json.dumps(result))
     return 0
 
@@ -96,6 +100,10 @@ def register(sub) -> None:
                    help="subdirectory of RUN_DIR (final, checkpoint-<step>) or a path holding the adapters; "
                         "'none': the base model")
     p.add_argument("--size", type=int, default=None, help="score only the first N prompts")
+    p.add_argument("--reward", action="append", default=[], metavar="SPEC",
+                   help="a reward function, file.py:fn or package.module:fn, replacing the run's reward of the same "
+                        "name (repeatable); needed where the run was trained with a Python callable that cannot be "
+                        "re-imported (its config records <callable>:fn)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run's config, "
                                                 "e.g. reward.functions=[my_reward.py:strict]")
     p.set_defaults(func=run)

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from pefrl.arch import disable_dropout, resolve_target_modules, stores_transposed
 from pefrl.config import LoraConfig, ModelConfig
 from pefrl.errors import PathError, looks_local
-from pefrl.hub import check_hub_name
+from pefrl.hub import check_hub_name, missing_model_error
 from pefrl.models.adapters import enable_checkpointing
 from pefrl.models.bundle import CRITIC, POLICY, REFERENCE, Models, ValueHead, is_lora
 from pefrl.tiny import default_model_dir
@@ -38,7 +38,7 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
         return str(default_model_dir())
     if looks_local(name) or Path(name).exists():
         if not Path(name).expanduser().exists():
-            raise PathError(f"model.name_or_path {name} does not exist (a local path: not looked up on the hub)")
+            raise missing_model_error(name)  # names the preparation commands for pefrl's cache
         return str(Path(name).expanduser())
     check_hub_name(name, "model.name_or_path")  # offline: at once, not after the hub client's retries
     return name
