@@ -26,22 +26,33 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from pefrl.models import load_adapters, save_adapters
-
-if TYPE_CHECKING:
-    from pefrl.trainer import Run
+from pefrl.models import Models, load_adapters, save_adapters
 
 FORMAT_VERSION = 1
 PREFIX, TMP_PREFIX = "checkpoint-", ".tmp-checkpoint-"
 STATE_FILE, OPTIMIZER_FILE, ADAPTERS_DIR = "trainer_state.json", "optimizer.safetensors", "adapters"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOW_PICKLE_ENV = "PEFRL_ALLOW_PICKLE"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves and restores besides the RNG: the adapters and every stateful part of the loop
+    (each with state_dict / load_state_dict; algo_state a JSON-able dict, restored in place)."""
+
+    models: Models
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    kl_ctl: Any
+    algo_state: dict[str, Any]
+    stream: Any
 
 
 class CheckpointError(RuntimeError):
@@ -84,10 +95,10 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 # --- saving -------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Run, step: int) -> Path:
-    """Write checkpoint-<step> atomically (collective: every rank must call it), then keep the last N."""
-    acc, cfg = run.accelerator, run.cfg
-    root = Path(cfg.output_dir)
+def save_checkpoint(run: TrainState, acc: Any, output_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write checkpoint-<step> of `run` into output_dir atomically (collective: every rank must call it, acc the
+    Accelerator), then keep the last `keep_last`."""
+    root = Path(output_dir)
     tmp, final = root / f"{TMP_PREFIX}{step}", root / f"{PREFIX}{step}"
     if acc.is_main_process:
         for stale in root.glob(f"{TMP_PREFIX}*"):  # leftovers of saves that crashed
@@ -117,7 +128,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(root)[: -cfg.train.keep_last]:
+        for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
@@ -198,7 +209,7 @@ def check_no_pickle(directory: str | Path) -> None:
         )
 
 
-def load_checkpoint(run: Run, path: str | Path) -> int:
+def load_checkpoint(run: TrainState, path: str | Path) -> int:
     """Restore adapters, value head, optimizer, scheduler, KL controller, algo_state and the prompt stream from
     `path` into `run`; returns the step to start at. RNG states are restored separately by `restore_rng`,
     at the start of the loop (evaluation before training draws from the RNG too)."""

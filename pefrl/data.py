@@ -8,6 +8,7 @@ resumed run sees the same prompts as an uninterrupted one.
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,18 @@ from typing import Any
 
 from pefrl.config import DataConfig
 
-BUILTINS = {"builtin:arithmetic": "train", "builtin:arithmetic-eval": "eval"}
+# Builtin prompt sources: name -> ('module:function', argument), the function returning the rows. Resolved on
+# first use, as reward functions are by spec, so this layer never imports a task (tasks live under tasks/).
+BUILTINS: dict[str, tuple[str, str]] = {
+    "builtin:arithmetic": ("pefrl.tasks.arithmetic:problems", "train"),
+    "builtin:arithmetic-eval": ("pefrl.tasks.arithmetic:problems", "eval"),
+}
+
+
+def _builtin_rows(source: str) -> list[dict[str, Any]]:
+    spec, argument = BUILTINS[source]
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)(argument)
 
 
 class DataError(ValueError):
@@ -26,9 +38,7 @@ class DataError(ValueError):
 def load_rows(source: str, prompt_field: str = "prompt", split: str = "train") -> list[dict[str, Any]]:
     """All rows of a finite prompt source, each checked to hold a string prompt."""
     if source in BUILTINS:
-        from pefrl.tasks.arithmetic import problems
-
-        rows = problems(BUILTINS[source])
+        rows = _builtin_rows(source)
     else:
         path = Path(source)
         if path.suffix in (".jsonl", ".json") and path.is_file():

@@ -67,7 +67,7 @@ def check_fsdp(cfg) -> None:
                          "each rank, and every sharded forward is a collective; use ddp.yaml for environments")
     from pefrl.algorithms import get_algorithm
 
-    if get_algorithm(cfg.algo).update is not None:
+    if not get_algorithm(cfg.algo).fsdp_ok:
         # TRPO's Fisher-vector products backpropagate again through a retained graph, whose gathered weights
         # FSDP frees after the first backward ("setStorage ... out of bounds for storage of size 0")
         raise ValueError(f"algo={cfg.algo} with FSDP: its own update loop (double backward through a retained "

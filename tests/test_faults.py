@@ -15,7 +15,8 @@ import torch
 from pefrl.checkpoint import list_checkpoints, load_checkpoint
 from pefrl.config import load_config
 from pefrl.rewards import RewardError
-from pefrl.trainer import _optimizer_step, setup, train
+from pefrl.trainer import setup, train
+from pefrl.updater import Updater
 
 TINY = ["algo=ppo", "data.prompts=builtin:arithmetic", "data.eval_prompts=", "rollout.batch_size=2",
         "rollout.max_new_tokens=3", "rl.minibatch_size=2", "rl.epochs=1", "lora.r=2", "train.lr=3e-3"]
@@ -61,7 +62,7 @@ def test_raising_reward_names_sample_and_prompt_and_keeps_the_last_checkpoint(tm
         train(_cfg(tmp_path, "train.steps=4", "train.save_every=1"), extra_rewards=[("flaky", flaky)])
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
     run = setup(_cfg(tmp_path, "train.steps=4"), extra_rewards=[("flaky", flaky)])
-    assert load_checkpoint(run, tmp_path / "checkpoint-2") == 2  # intact: loads, resumes at step 2
+    assert load_checkpoint(run.train_state(), tmp_path / "checkpoint-2") == 2  # intact: loads, resumes at step 2
 
 
 def test_on_error_skip_scores_zero_and_counts_failures_in_metrics(tmp_path):
@@ -108,9 +109,7 @@ def test_non_finite_reward_is_rejected_naming_the_sample(tmp_path, bad):
 
 def _fake_run(params, optimizer):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return SimpleNamespace(params=params, optimizer=optimizer, scheduler=scheduler,
-                           accelerator=SimpleNamespace(num_processes=1),
-                           cfg=SimpleNamespace(train=SimpleNamespace(max_grad_norm=1.0)))
+    return Updater(params, optimizer, scheduler, max_grad_norm=1.0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -118,11 +117,11 @@ def test_non_finite_gradient_leaves_params_and_adamw_state_untouched(bad):
     params = [torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([0.5]))]
     run = _fake_run(params, torch.optim.AdamW(params, lr=0.1))
     params[0].grad, params[1].grad = torch.tensor([0.3, -0.1]), torch.tensor([0.2])
-    assert _optimizer_step(run)  # a good step fills the AdamW state (step 1, moments)
+    assert run.step()  # a good step fills the AdamW state (step 1, moments)
     before = _snapshot(run)
     assert before["adam0.step"].item() == 1.0 and before["adam0.exp_avg"].abs().sum() > 0
     params[0].grad, params[1].grad = torch.tensor([0.3, bad]), torch.tensor([0.2])  # one bad entry poisons all
-    assert not _optimizer_step(run)
+    assert not run.step()
     after = _snapshot(run)
     assert all(torch.equal(before[k], after[k]) for k in before)  # params, step count, both moments
     assert run.scheduler.last_epoch == 1  # the skipped step did not advance the schedule

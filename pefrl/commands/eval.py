@@ -37,7 +37,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     from pefrl.envs import env_rewards, eval_rows
     from pefrl.models import load_adapters, load_models, load_tokenizer
     from pefrl.rewards import build_scorer
-    from pefrl.trainer import evaluate
+    from pefrl.evaluate import evaluate
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
