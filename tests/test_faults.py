@@ -172,3 +172,29 @@ def test_non_finite_loss_k_steps_in_a_row_aborts(tmp_path):
     assert not run.optimizer.state  # no step ever reached AdamW
     policy_b = [p for n, p in run.models.model.named_parameters() if "lora_B.policy" in n]
     assert policy_b and all(torch.count_nonzero(p) == 0 for p in policy_b)  # LoRA B still at its zero init
+
+
+def test_a_step_that_leaves_params_non_finite_is_undone():
+    """A finite gradient can still make a non-finite parameter (here lr=inf): the step is undone, parameters
+    and AdamW state put back bit for bit, the schedule not advanced (issue #14 item 3)."""
+    params = [torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([0.5]))]
+    updater = _fake_run(params, torch.optim.AdamW(params, lr=0.1))
+    params[0].grad, params[1].grad = torch.tensor([0.3, -0.1]), torch.tensor([0.2])
+    assert updater.step()
+    before = _snapshot(updater)
+    for group in updater.optimizer.param_groups:
+        group["lr"] = float("inf")
+    params[0].grad, params[1].grad = torch.tensor([0.3, -0.1]), torch.tensor([0.2])
+    assert not updater.step()
+    after = _snapshot(updater)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert updater.scheduler.last_epoch == 1 and all(p.grad is None for p in params)
+
+
+def test_an_infinite_learning_rate_leaves_adapters_finite_and_stops_the_run(tmp_path):
+    run = setup(_cfg(tmp_path, "train.steps=5", "train.lr=inf", "train.max_bad_steps=2"),
+                extra_rewards=[("one", lambda p, c, **_: [1.0] * len(p))])
+    with pytest.raises(FloatingPointError, match="2 steps in a row had a non-finite loss or gradient"):
+        train(run.cfg, run=run)
+    assert all(torch.isfinite(p).all() for p in run.params)
+    assert [r["skipped_updates"] > 0 for r in _metrics(tmp_path)] == [True]  # the second bad step raised first
