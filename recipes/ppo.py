@@ -89,8 +89,8 @@ def main(algo: str = "ppo") -> dict:
             train_stats = update(models, run.updater, batch, targets, cfg, kl_coef, rollout, algo)
         bad_steps = bad_steps + 1 if train_stats.get("skipped_updates", 0) else 0
         if bad_steps >= cfg.train.max_bad_steps:
-            raise FloatingPointError(f"{bad_steps} steps in a row had a non-finite loss or gradient, or a step that made "
-                                     "the adapters non-finite (each one skipped and undone); stopping")
+            raise FloatingPointError(f"{bad_steps} steps in a row had a non-finite loss or gradient, or a step "
+                                     "that made the adapters non-finite (each one skipped and undone); stopping")
 
         # 7. log, adapt the KL coefficient, evaluate, checkpoint
         record = step_record(run, step, batch, scores, kl_coef,

@@ -181,7 +181,8 @@ def _kl(pb: PolicyBatch, idx: Tensor, logprobs: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_policy(models: Models, pb: PolicyBatch, rl: RLConfig, reduce: Reduce = _local) -> tuple[float, float, Tensor, Tensor]:
+def evaluate_policy(models: Models, pb: PolicyBatch, rl: RLConfig,
+                    reduce: Reduce = _local) -> tuple[float, float, Tensor, Tensor]:
     """(objective, KL(pi_old || pi) or 0 before old_logprobs exist, logprobs (B, T), entropy (B, T)) at the
     current parameters; objective and KL averaged over ranks so that every rank takes the same decision."""
     obj, kl, logprobs, entropy = 0.0, 0.0, [], []
@@ -301,7 +302,8 @@ def critic_update(models: Models, updater: Any, batch: RolloutBatch, targets: Ta
 
     def backward(idx: Tensor, weight: float) -> dict[str, float]:
         values = critic_values(models, input_ids[idx], attention_mask[idx], P)  # (b, T)
-        loss, _ = clipped_value_loss(values, batch.values[idx], targets.returns[idx], mask[idx], cfg.rl.value_clip_range)
+        loss, _ = clipped_value_loss(values, batch.values[idx], targets.returns[idx], mask[idx],
+                                     cfg.rl.value_clip_range)
         for p, g in zip(params, torch.autograd.grad(loss * weight, params, allow_unused=True)):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
