@@ -7,7 +7,6 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
