@@ -36,8 +36,9 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,9 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from pefrl.adapters_io import load_adapters, save_adapters
 from pefrl.errors import PefrlError
-
-if TYPE_CHECKING:
-    from pefrl.trainer import Run
+from pefrl.models import Models
 
 FORMAT_VERSION = 1
 PREFIX, TMP_PREFIX = "checkpoint-", ".tmp-checkpoint-"
@@ -55,6 +54,19 @@ STATE_FILE, OPTIMIZER_FILE, ADAPTERS_DIR = "trainer_state.json", "optimizer.safe
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOW_PICKLE_ENV = "PEFRL_ALLOW_PICKLE"
 RUN_FILE = "pefrl_run.json"  # {"run_id": ...}: which run owns output_dir (pefrl.rundir)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves and restores besides the RNG: the adapters and every stateful part of the loop
+    (each with state_dict / load_state_dict; algo_state a JSON-able dict, restored in place)."""
+
+    models: Models
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    kl_ctl: Any
+    algo_state: dict[str, Any]
+    stream: Any
 
 
 class CheckpointError(PefrlError, RuntimeError):
@@ -163,10 +175,10 @@ def owned_checkpoints(output_dir: str | Path) -> list[Path]:
 # --- saving -------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Run, step: int) -> Path:
-    """Write checkpoint-<step> atomically (collective: every rank must call it), then keep the last N."""
-    acc, cfg = run.accelerator, run.cfg
-    root = Path(cfg.output_dir)
+def save_checkpoint(run: TrainState, acc: Any, output_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write checkpoint-<step> of `run` into output_dir atomically (collective: every rank must call it, acc the
+    Accelerator), then keep the last `keep_last`."""
+    root = Path(output_dir)
     tmp, final = root / f"{TMP_PREFIX}{step}", root / f"{PREFIX}{step}"
     if final.exists() and not written_by_pefrl(final):  # every rank checks: all stop together
         raise CheckpointError(f"{final} exists and was not written by pefrl (another tool's?): it is never "
@@ -198,7 +210,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
         _fsync_tree(tmp)
         _publish(tmp, final)
         _fsync_dir(root)
-        for old in owned_checkpoints(root)[: -cfg.train.keep_last]:  # never another tool's or run's checkpoint
+        for old in owned_checkpoints(root)[:-keep_last]:  # never another tool's or run's checkpoint
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
@@ -309,7 +321,7 @@ def check_no_pickle(directory: str | Path) -> None:
         )
 
 
-def load_checkpoint(run: Run, path: str | Path) -> int:
+def load_checkpoint(run: TrainState, path: str | Path) -> int:
     """Restore adapters, value head, optimizer, scheduler, KL controller, algo_state and the prompt stream from
     `path` into `run`; returns the step to start at. RNG states are restored separately by `restore_rng`,
     at the start of the loop (evaluation before training draws from the RNG too)."""

@@ -8,6 +8,7 @@ resumed run sees the same prompts as an uninterrupted one.
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -18,7 +19,18 @@ from pefrl.config import DataConfig
 from pefrl.errors import PefrlError, looks_local, read_utf8
 from pefrl.hub import check_hub_name
 
-BUILTINS = {"builtin:arithmetic": "train", "builtin:arithmetic-eval": "eval"}
+# Builtin prompt sources: name -> ('module:function', argument), the function returning the rows. Resolved on
+# first use, as reward functions are by spec, so this layer never imports a task (tasks live under tasks/).
+BUILTINS: dict[str, tuple[str, str]] = {
+    "builtin:arithmetic": ("pefrl.tasks.arithmetic:problems", "train"),
+    "builtin:arithmetic-eval": ("pefrl.tasks.arithmetic:problems", "eval"),
+}
+
+
+def _builtin_rows(source: str) -> list[dict[str, Any]]:
+    spec, argument = BUILTINS[source]
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)(argument)
 
 
 class DataError(PefrlError, ValueError):
@@ -37,9 +49,7 @@ def load_rows(source: str, prompt_field: str = "prompt", split: str = "train",
     never looked up on the hub: a missing one is an error at once, not a slow network timeout; so is a dataset
     name that is not cached while the hub cannot be reached."""
     if source in BUILTINS:
-        from pefrl.tasks.arithmetic import problems
-
-        rows = problems(BUILTINS[source])
+        rows = _builtin_rows(source)
     else:
         path = Path(source).expanduser()
         if path.suffix and not path.is_dir() and path.suffix not in (".jsonl", ".json", ".txt", ".csv", ".parquet"):

@@ -11,7 +11,7 @@ itself with torch's `fully_shard` (FSDP2) instead of going through `accelerator.
 
 Why the adapters are not sharded: they are a few MB, so sharding them (and their AdamW state) saves nothing
 that matters, while replicated adapters keep everything after the forward exactly as under DDP: the trainer's
-one gradient all-reduce (`trainer._optimizer_step`), clipping on plain tensors, rank 0 saving `final/` and
+one gradient all-reduce (`Updater.step`), clipping on plain tensors, rank 0 saving `final/` and
 checkpoints alone, checkpoints interchangeable between DDP and FSDP runs. The memory that matters, the base, is
 sharded. A forward all-gathers one decoder layer at a time and frees it after (reshard_after_forward).
 
@@ -143,6 +143,6 @@ def sharded_numel(param: torch.Tensor) -> tuple[int, int]:
 
 
 def trim_eval_rows(rows: list, world: int) -> list:
-    """Evaluation rows cut to a multiple of `world`: trainer.evaluate gives rank r the rows r::world, and under
+    """Evaluation rows cut to a multiple of `world`: evaluate.evaluate gives rank r the rows r::world, and under
     FSDP every rank must run the same number of generate calls (each forward is a collective)."""
     return rows[: len(rows) - len(rows) % world]

@@ -127,7 +127,7 @@ def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     from pefrl.adapters_io import save_adapters
     from pefrl.models import load_models, load_tokenizer
     from pefrl.tiny import build_model, build_tokenizer
-    from pefrl.trainer import evaluate
+    from pefrl.evaluate import evaluate
 
     torch.set_num_threads(1)
     model_dir, run_dir = tmp_path / "base", tmp_path / "run"

@@ -1,11 +1,11 @@
-import ast
 import dataclasses
+import sys
 import typing
 from pathlib import Path
 
 import pytest
 
-from pefrl.config import Config, ConfigError
+from pefrl.config import ALGOS, Config, ConfigError
 from pefrl.config_loader import load_config, reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,27 +87,12 @@ def test_reference_lists_every_field_with_a_docstring():
         assert not line.endswith("|  |"), f"{key} has no docstring"
 
 
-def test_every_config_field_is_read_somewhere():
-    """A field nothing reads is a lie to the user (TRL has several); every field must be read in pefrl/."""
-    # The loader reads fields generically (dataclasses.fields), so it proves nothing: it is left out too.
-    source = "\n".join(p.read_text() for p in (REPO / "pefrl").rglob("*.py")
-                       if p.name not in ("config.py", "config_loader.py"))
-    attrs = {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
-    # Derived sizes (properties in config.py) read fields on the caller's behalf.
-    config_tree = ast.parse((REPO / "pefrl" / "config.py").read_text())
-    for fn in ast.walk(config_tree):
-        if isinstance(fn, ast.FunctionDef) and any(getattr(d, "id", "") == "property" for d in fn.decorator_list):
-            attrs |= {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)}
-
-    def walk(cls):
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            yield f.name
-            if dataclasses.is_dataclass(tp):
-                yield from walk(tp)
-
-    unread = sorted(name for name in walk(Config) if name not in attrs)
-    assert not unread, f"config fields never read outside config.py: {unread}"
+def _config_sections(cls=Config):
+    yield cls
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _config_sections(tp)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -165,3 +150,39 @@ def test_the_loader_is_not_imported_by_the_schema():
 
     code = "import sys, pefrl.config; assert 'pefrl.config_loader' not in sys.modules and 'yaml' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow  # 9 one-step runs (about 40 s on 2 cores)
+def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
+    """A field nothing reads is a lie to the user (TRL has several). Every section records the fields read on it
+    from outside config.py (a derived property, e.g. rl.micro_batch_size, reads on its caller's behalf; saving
+    or validating the config does not count) while one step of every algorithm, an environment run and a
+    reward-model run with a checkpoint train, and while the 4-bit bitsandbytes config is built."""
+    from pefrl.models import quantization_config
+    from pefrl.trainer import train
+
+    monkeypatch.chdir(REPO)
+    # the schema and its loader read fields generically (validating, saving): that proves nothing
+    config_files = {str(REPO / "pefrl" / "config.py"), str(REPO / "pefrl" / "config_loader.py")}
+    skip = ("__post_init__", "to_dict", "asdict", "_asdict_inner")
+    properties = {name for cls in _config_sections() for name, v in vars(cls).items() if isinstance(v, property)}
+    reads = set()
+    for cls in set(_config_sections()):
+        fields = {f.name for f in dataclasses.fields(cls)}
+
+        def getattribute(self, name, _cls=cls, _fields=fields, _get=cls.__getattribute__):
+            caller = sys._getframe(1).f_code
+            inside = caller.co_filename in config_files and caller.co_name not in properties
+            if name in _fields and not inside and caller.co_name not in skip and "copy" not in caller.co_filename:
+                reads.add(f"{_cls.__name__}.{name}")
+            return _get(self, name)
+
+        monkeypatch.setattr(cls, "__getattribute__", getattribute)
+    small = ["train.steps=1", "rollout.batch_size=4", "data.eval_size=4"]
+    runs = [(f"arithmetic_{algo}", [f"rl.minibatch_size={4 * (1 + (algo == 'grpo'))}"]) for algo in ALGOS]
+    runs += [("guessing_game", ["rl.minibatch_size=16"]), ("reward_model", ["rl.minibatch_size=4", "train.save_every=1"])]
+    for i, (name, extra) in enumerate(runs):
+        train(load_config(REPO / "recipes" / "configs" / f"{name}.yaml", [f"output_dir={tmp_path / str(i)}", *small, *extra]))
+    quantization_config(load_config(None, ["model.quantization=4bit"]).model)
+    every = {f"{cls.__name__}.{f.name}" for cls in _config_sections() for f in dataclasses.fields(cls)}
+    assert not sorted(every - reads), f"config fields never read outside config.py: {sorted(every - reads)}"

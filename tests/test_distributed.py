@@ -34,6 +34,7 @@ DRIVER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
+    import pefrl.evaluate as E
     import pefrl.trainer as T
     from pefrl.config_loader import load_config
     from pefrl.adapters_io import save_adapters
@@ -41,7 +42,7 @@ DRIVER = textwrap.dedent("""
 
     mode = os.environ.get("DIST_MODE", "")
     rank = int(os.environ.get("RANK", "0"))
-    generate, calls = T.generate, {"generate": 0, "reward": 0}
+    generate, calls = E.generate, {"generate": 0, "reward": 0}
 
     def global_generate(models, tokenizer, prompts, cfg, **kw):
         # every rank samples the whole global batch with one shared seed and keeps its own rows
@@ -63,7 +64,7 @@ DRIVER = textwrap.dedent("""
         return [float(mode == "rank1_skips")] * len(completions)
 
     if mode == "global_rows":
-        T.generate = global_generate
+        E.generate = global_generate  # what evaluate.play samples with
     run = T.setup(load_config(None, sys.argv[1:]), extra_rewards=[("probe", rank1_fails_at_step1)])
     print(f"rank {run.accelerator.process_index} of {run.accelerator.num_processes}", flush=True)
     T.train(run.cfg, run=run)
@@ -183,8 +184,6 @@ def test_accelerate_configs_load_with_accelerates_own_loader(name):
     cfg = load_config_from_file(str(ACCEL / name))
     raw = yaml.safe_load((ACCEL / name).read_text())
     assert cfg.distributed_type.name == raw["distributed_type"] and cfg.num_processes == raw["num_processes"]
-    if "deepspeed" in name:
-        assert cfg.deepspeed_config["zero_stage"] == int(name[-6])
     if name.startswith("fsdp"):
         assert cfg.fsdp_config["fsdp_version"] == 2
     if name.endswith("cpu_2ranks.yaml"):
@@ -224,35 +223,6 @@ def test_deepspeed_launch_on_cpu_is_refused_too(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(NotImplementedError, match="DEEPSPEED is not supported"):
         check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
-
-
-def _deepspeed_config(name: str) -> tuple[dict, int]:
-    """The DeepSpeed config accelerate builds from one of our yaml files (DeepSpeedPlugin), and the world size."""
-    from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.utils import DeepSpeedPlugin
-
-    cfg = load_config_from_file(str(ACCEL / name))
-    ds = cfg.deepspeed_config
-    plugin = DeepSpeedPlugin(
-        zero_stage=ds["zero_stage"], gradient_accumulation_steps=ds["gradient_accumulation_steps"],
-        gradient_clipping=ds["gradient_clipping"], offload_optimizer_device=ds["offload_optimizer_device"],
-        offload_param_device=ds["offload_param_device"], zero3_init_flag=ds.get("zero3_init_flag", False),
-        zero3_save_16bit_model=ds.get("zero3_save_16bit_model", False))
-    plugin.set_mixed_precision(cfg.mixed_precision)
-    return plugin.deepspeed_config, cfg.num_processes
-
-
-@pytest.mark.parametrize("name,stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
-def test_deepspeed_configs_parse_with_deepspeeds_own_parser(name, stage):
-    pytest.importorskip("deepspeed")  # optional: pip install deepspeed (pure Python; ops JIT-built on use)
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    conf, _ = _deepspeed_config(name)
-    assert conf["train_micro_batch_size_per_gpu"] == "auto"  # accelerate fills it at prepare(); so do we here
-    parsed = DeepSpeedConfig({**conf, "train_micro_batch_size_per_gpu": 2, "train_batch_size": 2})  # world 1
-    assert parsed.zero_enabled and parsed.zero_optimization_stage == stage
-    assert parsed.bfloat16_config.enabled and parsed.gradient_clipping == 1.0
-    assert parsed.zero_config.offload_param.device == "none" == parsed.zero_config.offload_optimizer.device
 
 
 ZERO_PROBE = textwrap.dedent("""
@@ -309,10 +279,31 @@ def test_deepspeed_zero2_and_zero3_train_pefrl_models_on_two_gloo_ranks(tmp_path
         assert losses[0] == losses[1] and len(losses[0]) == 2 and losses[0][1] < losses[0][0], (stage, losses)
 
 
+DEEPSPEED_ZERO3 = textwrap.dedent("""
+    compute_environment: LOCAL_MACHINE
+    distributed_type: DEEPSPEED
+    num_machines: 1
+    num_processes: 2
+    machine_rank: 0
+    mixed_precision: bf16
+    use_cpu: false
+    rdzv_backend: static
+    same_network: true
+    deepspeed_config:
+      zero_stage: 3
+      gradient_accumulation_steps: 1
+      gradient_clipping: 1.0
+      offload_optimizer_device: none
+      offload_param_device: none
+      zero3_init_flag: true
+""")
+
+
 @pytest.mark.slow  # launches processes
 def test_pefrl_train_under_a_deepspeed_config_stops_with_a_clear_error(tmp_path):
-    config = tmp_path / "zero3_2ranks.yaml"
-    config.write_text((ACCEL / "deepspeed_zero3.yaml").read_text().replace("num_processes: 8", "num_processes: 2"))
+    pytest.importorskip("deepspeed")  # without it accelerate launch itself stops before pefrl runs
+    config = tmp_path / "zero3_2ranks.yaml"  # pefrl ships no DeepSpeed config: a user's own
+    config.write_text(DEEPSPEED_ZERO3)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
            str(_free_port()), "-m", "pefrl", "train", str(REPO / "recipes" / "configs" / "arithmetic_ppo.yaml"),

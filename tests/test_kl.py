@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from pefrl.config import RLConfig
 from pefrl.ops.kl import AdaptiveKLController, FixedKLController, kl_estimate, make_kl_controller
 
 
@@ -79,7 +78,7 @@ def test_adaptive_controller_moves_toward_target():
 
 
 def test_make_kl_controller_picks_by_target():
-    assert isinstance(make_kl_controller(RLConfig(kl_coef=0.1)), FixedKLController)
-    ctl = make_kl_controller(RLConfig(kl_coef=0.1, kl_target=6.0, kl_horizon=500))
+    assert isinstance(make_kl_controller(0.1), FixedKLController)
+    ctl = make_kl_controller(0.1, 6.0, 500)
     assert isinstance(ctl, AdaptiveKLController)
     assert (ctl.value, ctl.target, ctl.horizon) == (0.1, 6.0, 500)

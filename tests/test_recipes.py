@@ -4,7 +4,6 @@ The smoke runs are subprocesses, as a user runs them (`python -m pefrl train CON
 repository root since recipe configs name data files relative to it.
 """
 
-import inspect
 import json
 import os
 import subprocess
@@ -20,12 +19,6 @@ from pefrl.rewards import load_function
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
 RECIPES = {"math_gsm8k_style", "format_length", "reward_model", "guessing_game"}
-
-
-def _trainer_runs_envs() -> bool:
-    import pefrl.trainer
-
-    return "play_rows" in inspect.getsource(pefrl.trainer)
 
 
 def _embedded_model_present() -> bool:
@@ -81,8 +74,6 @@ def test_recipe_smoke_two_steps(config, tmp_path):
     if not _embedded_model_present():
         pytest.skip("embedded model pefrl/assets/tiny-arith not built")
     cfg = load_config(config)
-    if cfg.env.name and not _trainer_runs_envs():
-        pytest.skip("trainer does not run environments yet (env.name)")
     if cfg.model.name_or_path and not Path(cfg.model.name_or_path).expanduser().exists():
         pytest.skip(f"{cfg.model.name_or_path} is not prepared here (see the config's header)")
     out = tmp_path / "run"
@@ -112,3 +103,32 @@ def test_math_recipe_then_eval_and_plot(tmp_path):
     plot = subprocess.run([sys.executable, "-m", "pefrl", "plot", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert plot.returncode == 0 and (out / "metrics.png").stat().st_size > 10_000
+
+
+TIMING = {"step_time_s", "step_cpu_s", "gen_time_s", "score_time_s", "reference_time_s", "train_time_s",
+          "gen_tokens_per_s"}
+
+
+@pytest.mark.slow  # 6 subprocess runs (about 70 s on 2 cores)
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "trpo"])
+def test_recipe_script_writes_the_metrics_of_pefrl_train(algo, tmp_path):
+    """recipes/<algo>.py spells out the loop of `pefrl train`: on the same config both write the same
+    metrics.jsonl, every field but the timings, to the bit (one thread, CPU)."""
+    if not _embedded_model_present():
+        pytest.skip("embedded model pefrl/assets/tiny-arith not built")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    config = REPO / "recipes" / "configs" / f"arithmetic_{algo}.yaml"
+    common = ["train.steps=2", "rollout.batch_size=8", "rl.minibatch_size=4", "data.eval_size=8", "train.eval_every=1"]
+    script = subprocess.run([sys.executable, str(REPO / "recipes" / f"{algo}.py"), "--config", str(config),
+                             f"output_dir={tmp_path / 'script'}", *common], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert script.returncode == 0, script.stderr[-3000:]
+    assert _train(config, tmp_path / "train", *common).returncode == 0
+
+    def records(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+    script_records, train_records = records("script"), records("train")
+    assert [r["step"] for r in script_records] == [0, 1] and "eval_reward_mean" in script_records[0]
+    assert script_records == train_records

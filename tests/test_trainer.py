@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM
 from pefrl.config_loader import load_config
 from pefrl.forward import critic_values, policy_forward, reference_logprobs
 from pefrl.models import resolve_model_path
-from pefrl.trainer import _backward, setup, train
+from pefrl.scoring import Critic
+from pefrl.trainer import setup, train
+from pefrl.update import micro_backward
 
 REQUIRED = ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "step_time_s", "step_cpu_s",
             "gen_tokens_per_s")
@@ -87,7 +89,7 @@ def test_online_prompt_source_trains_until_it_ends(tmp_path):
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
 def test_separate_critic_backward_gives_the_joint_gradients(tmp_path, algo):
-    """trainer._backward backpropagates the critic adapter's loss before the policy's forward (half the
+    """update.micro_backward backpropagates the critic adapter's loss before the policy's forward (half the
     activation memory); the gradients must equal those of one backward of the summed loss."""
     torch.set_num_threads(1)
     cfg = load_config(f"recipes/configs/arithmetic_{algo}.yaml", [f"output_dir={tmp_path}", "rl.entropy_coef=0.1"])
@@ -112,7 +114,8 @@ def test_separate_critic_backward_gives_the_joint_gradients(tmp_path, algo):
     joint = [p.grad.clone() for p in params]
     run.optimizer.zero_grad(set_to_none=True)
 
-    stats = _backward(models, run.algo, mb, (ids, mask, P, None), cfg, 0.05, 0.5)
+    stats = micro_backward(models, run.algo, Critic.of(models) if run.algo.uses_critic else None, mb,
+                           (ids, mask, P, None), cfg, 0.05, 0.5)
     for p, expected in zip(params, joint):
         torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
     assert all(g.abs().sum() > 0 for g in joint[:1]) and any(p.grad.abs().sum() > 0 for p in models.value_head.parameters())
@@ -122,7 +125,7 @@ def test_separate_critic_backward_gives_the_joint_gradients(tmp_path, algo):
 
 def test_without_an_entropy_bonus_the_update_skips_the_entropy(tmp_path):
     """rl.entropy_coef 0: policy_forward(with_entropy=False) returns no entropy and the same logprobs, and
-    _backward's gradients equal those of the loss with the entropy computed (its coefficient is 0)."""
+    micro_backward's gradients equal those of the loss with the entropy computed (its coefficient is 0)."""
     cfg = load_config("recipes/configs/arithmetic_grpo.yaml", [f"output_dir={tmp_path}", "rl.entropy_coef=0"])
     run = setup(cfg)
     models = run.models
@@ -140,7 +143,8 @@ def test_without_an_entropy_bonus_the_update_skips_the_entropy(tmp_path):
     loss, _ = run.algo.loss(mb, lp, None, ent, cfg.rl, 0.05, cfg.max_policy_tokens)
     params = [p for p in run.params if p.requires_grad]
     expected = torch.autograd.grad(loss, params, allow_unused=True)
-    _backward(models, run.algo, mb, (ids, mask, P, None), cfg, 0.05, 1.0)
+    micro_backward(models, run.algo, Critic.of(models) if run.algo.uses_critic else None, mb,
+                           (ids, mask, P, None), cfg, 0.05, 1.0)
     used = [(p.grad, e) for p, e in zip(params, expected) if e is not None]
     assert used and any(e.abs().sum() > 0 for _, e in used)
     for grad, e in used:
@@ -152,11 +156,11 @@ def test_a_one_pass_update_reuses_the_critic_forward(tmp_path, monkeypatch, algo
     """When the update's first micro-batch is the whole rollout, the critic adapter runs once per step, not
     twice (no-grad values, then again with grad), and the step ends where the two-forward path ends (ppo with
     gradient checkpointing: the kept graph is recomputed in the update, under the critic adapter)."""
-    import pefrl.trainer as trainer
+    import pefrl.scoring as scoring
 
     calls = []
-    real = trainer.critic_values
-    monkeypatch.setattr(trainer, "critic_values", lambda *a: calls.append(1) or real(*a))
+    real = scoring.critic_values
+    monkeypatch.setattr(scoring, "critic_values", lambda *a: calls.append(1) or real(*a))
     common = ["train.steps=1", "data.eval_prompts=null", "rollout.batch_size=8", "rl.minibatch_size=8",
               "rl.epochs=1", "model.critic=adapter", f"model.gradient_checkpointing={algo == 'ppo'}"]
 
@@ -168,7 +172,7 @@ def test_a_one_pass_update_reuses_the_critic_forward(tmp_path, monkeypatch, algo
         return len(calls), [p.detach().clone() for p in run.params]
 
     fused_calls, fused = one_step("fused")
-    monkeypatch.setattr(trainer, "_values_for_one_pass", lambda run, rollout: None)
+    monkeypatch.setattr(scoring, "_values_for_one_pass", lambda *a: None)
     plain_calls, plain = one_step("plain")
     assert (fused_calls, plain_calls) == (1, 2)
     for a, b in zip(fused, plain):
@@ -183,13 +187,15 @@ def test_a_top_layers_critic_starts_from_the_samplers_hidden_states(tmp_path, mo
     """model.critic_layers: every critic forward of a step (the no-grad values or the kept one-pass forward, and
     the update's) starts from the sampler's reference-row hidden states, and the first optimizer step gets the
     gradients the critic's whole forward gives."""
+    import pefrl.scoring as scoring
     import pefrl.trainer as trainer
+    from pefrl.updater import Updater
 
     calls, grads = [], []
-    real_values, real_step = trainer.critic_values, trainer._optimizer_step
-    monkeypatch.setattr(trainer, "critic_values", lambda *a: calls.append(a[4] is not None) or real_values(*a))
-    monkeypatch.setattr(trainer, "_optimizer_step",
-                        lambda run: grads.append([p.grad.clone() for p in run.params]) or real_step(run))
+    real_values, real_step = scoring.critic_values, Updater.step
+    monkeypatch.setattr(scoring, "critic_values", lambda *a: calls.append(a[4] is not None) or real_values(*a))
+    monkeypatch.setattr(Updater, "step",
+                        lambda self, *a: grads.append([p.grad.clone() for p in self.params]) or real_step(self, *a))
     mb, epochs = (8, 1) if one_pass else (4, 2)
     common = ["train.steps=1", "data.eval_prompts=null", "rollout.batch_size=8", f"rl.minibatch_size={mb}",
               f"rl.epochs={epochs}", "model.critic_layers=1"]
@@ -203,14 +209,14 @@ def test_a_top_layers_critic_starts_from_the_samplers_hidden_states(tmp_path, mo
         return list(calls), grads[0]
 
     from_sampler, first_grads = one_step("from_sampler")
-    real_play = trainer._play
+    real_play = trainer.play
 
     def play_without_critic_inputs(*a, **k):
         texts, rollout, columns = real_play(*a, **k)
         rollout.critic_inputs = None
         return texts, rollout, columns
 
-    monkeypatch.setattr(trainer, "_play", play_without_critic_inputs)
+    monkeypatch.setattr(trainer, "play", play_without_critic_inputs)
     whole, whole_grads = one_step("whole")
     # one pass: the kept forward alone; else the no-grad values, then 2 epochs x 2 minibatches of 4
     assert len(from_sampler) == 1 if one_pass else len(from_sampler) >= 5

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pefrl import trpo
+from pefrl.algorithms import trpo
 from pefrl.algorithms import RolloutBatch, Targets
 from pefrl.config import LoraConfig, ModelConfig, RLConfig
 from pefrl.config_loader import load_config
@@ -15,7 +15,8 @@ from pefrl.forward import policy_forward
 from pefrl.models import load_models
 from pefrl.ops.advantages import masked_mean
 from pefrl.tiny import save_tiny_model
-from pefrl.trpo import (
+from pefrl.updater import Updater
+from pefrl.algorithms.trpo import (
     PolicyBatch,
     conjugate_gradient,
     fisher_vector_product,
@@ -209,16 +210,15 @@ def test_trpo_update_moves_policy_by_natural_gradient_and_critic_by_adamw_only(m
     cfg = load_config(None, ["algo=trpo", "rollout.batch_size=4", "rollout.max_new_tokens=5", "rl.minibatch_size=2"])
     params = models.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    run = SimpleNamespace(cfg=cfg, models=models, params=params, optimizer=optimizer,
-                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                          accelerator=SimpleNamespace(num_processes=1))
+    updater = Updater(params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                      max_grad_norm=cfg.train.max_grad_norm)
     rollout = SimpleNamespace(input_ids=pb.input_ids, attention_mask=pb.attention_mask,
                               query_ids=pb.input_ids[:, : pb.prompt_len])
     batch = RolloutBatch(response_mask=MASK, logprobs=pb.behaviour_logprobs, ref_logprobs=pb.behaviour_logprobs,
                          scores=torch.ones(4), values=torch.zeros(4, 5), num_samples=1)
     targets = Targets(advantages=pb.advantages, returns=torch.ones(4, 5) * MASK, rewards=MASK, stats={})
     before_policy, before_critic = [p.detach().clone() for p in policy], [p.detach().clone() for p in critic]
-    stats = trpo.trpo_update(run, batch, targets, 0.0, rollout)
+    stats = trpo.trpo_update(models, updater, batch, targets, cfg, 0.0, rollout)
     assert stats["trpo_accepted"] == 1.0 and stats["skipped_updates"] == 0.0 and stats["value_loss"] > 0
     assert stats["kl_ref"] > 0  # ref_logprobs here are the old policy's, which the step left
     assert any(not torch.equal(a, p) for a, p in zip(before_policy, policy))

@@ -42,10 +42,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     from pefrl.envs import env_rewards, eval_rows
     from pefrl.adapters_io import load_adapters
     from pefrl.errors import PathError
+    from pefrl.evaluate import evaluate
     from pefrl.export import check_finite_weights
     from pefrl.models import load_models, load_tokenizer
     from pefrl.rewards import build_scorer, supply_rewards
-    from pefrl.trainer import evaluate
 
     run_dir = Path(run_dir).expanduser()
     config_path = run_dir / "config.yaml"

@@ -11,8 +11,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from pefrl.config import RLConfig
-
 # exp() of a log ratio beyond this overflows float16/bfloat16 long before float32; the clamp only bites on
 # tokens whose reference probability is e^20 times the policy's, which a KL-penalised run never reaches.
 _MAX_LOG_RATIO = 20.0
@@ -89,8 +87,10 @@ class AdaptiveKLController:
         self.value = float(d["value"])
 
 
-def make_kl_controller(rl_cfg: RLConfig) -> FixedKLController | AdaptiveKLController:
-    """Adaptive controller when `rl_cfg.kl_target` is set, else a fixed `rl_cfg.kl_coef`."""
-    if rl_cfg.kl_target is not None:
-        return AdaptiveKLController(rl_cfg.kl_coef, rl_cfg.kl_target, rl_cfg.kl_horizon)
-    return FixedKLController(rl_cfg.kl_coef)
+def make_kl_controller(kl_coef: float, kl_target: float | None = None,
+                       kl_horizon: int = 10000) -> FixedKLController | AdaptiveKLController:
+    """Adaptive controller toward `kl_target` when it is set, else a fixed `kl_coef` (rl.kl_coef, rl.kl_target,
+    rl.kl_horizon)."""
+    if kl_target is not None:
+        return AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+    return FixedKLController(kl_coef)

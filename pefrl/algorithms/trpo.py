@@ -30,22 +30,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pefrl.algorithms import Algorithm, RolloutBatch, Targets, _common_stats, gae_targets, register
-from pefrl.config import RLConfig
+from pefrl.algorithms.base import Algorithm, RolloutBatch, Targets, common_stats
+from pefrl.algorithms.ppo import gae_targets
+from pefrl.config import Config, RLConfig
 from pefrl.forward import critic_values, policy_forward
-from pefrl.models import POLICY, Models
+from pefrl.models import POLICY, Models, lora_parameters
 from pefrl.ops.advantages import masked_mean
 from pefrl.ops.kl import kl_estimate
 from pefrl.ops.losses import aggregate, clipped_value_loss, entropy_bonus
 
-if TYPE_CHECKING:  # the trainer imports the registry; a runtime import would be circular
-    from pefrl.trainer import Run
+Reduce = Callable[[Tensor], Tensor]  # a flat tensor averaged over ranks (Updater.mean_over_ranks)
+
+
+def _local(x: Tensor) -> Tensor:
+    return x
 
 
 # --- pure math ----------------------------------------------------------------------------------------------
@@ -108,7 +112,7 @@ def trpo_loss(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: flo
     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
     approx_kl = kl_old_new(new_logprobs.detach(), mb["logprobs"], mask)
     stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "approx_kl": approx_kl, **vf_stats}
-    return loss, {**_common_stats(mb, new_logprobs, ent), **stats}
+    return loss, {**common_stats(mb, new_logprobs, ent), **stats}
 
 
 # --- parameters as one flat vector --------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def trpo_loss(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: flo
 
 def policy_parameters(models: Models) -> list[torch.nn.Parameter]:
     """The policy adapter's LoRA matrices: the only parameters the natural-gradient step moves."""
-    return [p for n, p in models.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]
+    return lora_parameters(models.model, [POLICY])
 
 
 def _flat(tensors: list[Tensor | None], params: list[torch.nn.Parameter]) -> Tensor:
@@ -130,14 +134,6 @@ def _set_flat(params: list[torch.nn.Parameter], flat: Tensor) -> None:
         p.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
 
-
-def _mean_over_ranks(x: Tensor, world: int) -> Tensor:
-    """Average a flat tensor over ranks (one all-reduce), as trainer._optimizer_step does for gradients."""
-    if world > 1:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        x /= world
-    return x
 
 
 # --- the update ---------------------------------------------------------------------------------------------
@@ -186,7 +182,8 @@ def _kl(pb: PolicyBatch, idx: Tensor, logprobs: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_policy(models: Models, pb: PolicyBatch, rl: RLConfig, world: int) -> tuple[float, float, Tensor, Tensor]:
+def evaluate_policy(models: Models, pb: PolicyBatch, rl: RLConfig,
+                    reduce: Reduce = _local) -> tuple[float, float, Tensor, Tensor]:
     """(objective, KL(pi_old || pi) or 0 before old_logprobs exist, logprobs (B, T), entropy (B, T)) at the
     current parameters; objective and KL averaged over ranks so that every rank takes the same decision."""
     obj, kl, logprobs, entropy = 0.0, 0.0, [], []
@@ -196,7 +193,7 @@ def evaluate_policy(models: Models, pb: PolicyBatch, rl: RLConfig, world: int) -
         kl += _kl(pb, idx, lp).item() if pb.old_logprobs is not None else 0.0
         logprobs.append(lp)
         entropy.append(ent)
-    both = _mean_over_ranks(torch.tensor([obj, kl], dtype=torch.float64, device=pb.input_ids.device), world)
+    both = reduce(torch.tensor([obj, kl], dtype=torch.float64, device=pb.input_ids.device))
     return both[0].item(), both[1].item(), torch.cat(logprobs), torch.cat(entropy)
 
 
@@ -233,19 +230,19 @@ def fisher_vector_product(models: Models, params: list[torch.nn.Parameter], pb: 
 
 
 def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: PolicyBatch, rl: RLConfig,
-                          world: int = 1) -> dict[str, float]:
+                          reduce: Reduce = _local) -> dict[str, float]:
     """Steps 1-4 of the module docstring on `params`; returns stats. On rejection (or a non-finite gradient)
     the parameters are put back bit for bit."""
     saved = [p.detach().clone() for p in params]
     old_flat = _flat(saved, params)
-    obj_old, _, old_logprobs, entropy = evaluate_policy(models, pb, rl, world)
+    obj_old, _, old_logprobs, entropy = evaluate_policy(models, pb, rl, reduce)
     pb.old_logprobs = old_logprobs
     stats = {"policy_loss": -obj_old, "entropy": masked_mean(entropy, pb.response_mask).item(), "approx_kl": 0.0,
              "trpo_accepted": 0.0, "trpo_step_fraction": 0.0, "trpo_improve": 0.0, "trpo_expected_improve": 0.0,
              "skipped_updates": 0.0, **_kl_ref(pb, old_logprobs)}
 
     # 1. surrogate gradient, averaged over ranks
-    g = _mean_over_ranks(surrogate_gradient(models, params, pb, rl), world)
+    g = reduce(surrogate_gradient(models, params, pb, rl))
     stats["trpo_grad_norm"] = g.norm().item()
     if not torch.isfinite(g).all():
         stats["skipped_updates"] = 1.0  # nothing moved yet
@@ -258,7 +255,7 @@ def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: 
     kl_grads = [kl_gradient(models, params, pb, batches[0])] if len(batches) == 1 else None
 
     def fvp(v: Tensor) -> Tensor:
-        return _mean_over_ranks(fisher_vector_product(models, params, pb, v, kl_grads), world) + rl.cg_damping * v
+        return reduce(fisher_vector_product(models, params, pb, v, kl_grads)) + rl.cg_damping * v
 
     x = conjugate_gradient(fvp, g, rl.cg_iters)
     xFx = x.dot(fvp(x))
@@ -275,7 +272,7 @@ def natural_gradient_step(models: Models, params: list[torch.nn.Parameter], pb: 
     for i in range(rl.line_search_steps):
         fraction = 0.5**i
         _set_flat(params, old_flat + fraction * full_step)
-        obj, kl, logprobs, _ = evaluate_policy(models, pb, rl, world)
+        obj, kl, logprobs, _ = evaluate_policy(models, pb, rl, reduce)
         if math.isfinite(obj) and math.isfinite(kl) and obj > obj_old and kl <= rl.max_kl:
             stats.update(trpo_accepted=1.0, trpo_step_fraction=fraction, trpo_improve=obj - obj_old,
                          approx_kl=kl, policy_loss=-obj, **_kl_ref(pb, logprobs))
@@ -293,64 +290,48 @@ def _kl_ref(pb: PolicyBatch, logprobs: Tensor) -> dict[str, float]:
     return {"kl_ref": masked_mean(kl_estimate(logprobs, pb.ref_logprobs, "k3"), pb.response_mask).item()}
 
 
-def _critic_step(run: Run, params: list[torch.nn.Parameter], grads: Tensor) -> bool:
-    """AdamW step on the critic parameters only: grads averaged over ranks, clipped. The policy adapter's grads
-    stay None, so AdamW (which skips grad-less parameters) leaves it, its moments and its weight decay alone."""
-    grads = _mean_over_ranks(grads, run.accelerator.num_processes)
-    if not torch.isfinite(grads).all():
-        return False
-    offset = 0
-    for p in params:
-        p.grad = grads[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-    max_norm = run.cfg.train.max_grad_norm
-    torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    run.optimizer.step()
-    run.scheduler.step()
+def critic_update(models: Models, updater: Any, batch: RolloutBatch, targets: Targets, cfg: Config,
+                  rollout: Any) -> dict[str, float]:
+    """rl.epochs x minibatches of AdamW steps on the clipped value loss (PPO's value half; vf_coef unused: the
+    value loss has its own steps), through the updater's shared minibatch loop. Gradients go to the critic
+    adapter + value head only (autograd.grad on them), never the policy, whose grads stay None so AdamW leaves
+    it, its moments and its weight decay alone."""
+    policy_ids = {id(p) for p in policy_parameters(models)}
+    params = [p for p in updater.params if id(p) not in policy_ids]
+    mask = batch.response_mask
+    input_ids, attention_mask, P = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
+
+    def backward(idx: Tensor, weight: float) -> dict[str, float]:
+        values = critic_values(models, input_ids[idx], attention_mask[idx], P)  # (b, T)
+        loss, _ = clipped_value_loss(values, batch.values[idx], targets.returns[idx], mask[idx],
+                                     cfg.rl.value_clip_range)
+        for p, g in zip(params, torch.autograd.grad(loss * weight, params, allow_unused=True)):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+        return {"value_loss": loss.item()}
+
+    micro = min(cfg.rl.micro_batch_size, cfg.rl.minibatch_size)
+    stats = updater.minibatches(len(mask), cfg.rl.epochs, cfg.rl.minibatch_size, micro, backward, params)
     for p in params:
         p.grad = None
-    return True
+    return {"value_loss": stats.get("value_loss", 0.0), "critic_skipped": stats["skipped_updates"]}
 
 
-def critic_update(run: Run, batch: RolloutBatch, targets: Targets, rollout: Any) -> dict[str, float]:
-    """rl.epochs x minibatches of AdamW steps on the clipped value loss (PPO's value half; vf_coef unused: the
-    value loss has its own steps). Gradients go to the critic adapter + value head only, never the policy."""
-    cfg, models = run.cfg, run.models
-    policy_ids = {id(p) for p in policy_parameters(models)}
-    params = [p for p in run.params if id(p) not in policy_ids]
-    mask, n = batch.response_mask, len(batch.response_mask)
-    micro = min(cfg.rl.micro_batch_size, cfg.rl.minibatch_size)
-    input_ids, attention_mask, P = rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
-    total, count, skipped = 0.0, 0, 0
-    for _ in range(cfg.rl.epochs):
-        for mb_idx in torch.randperm(n).split(cfg.rl.minibatch_size):
-            grads = torch.zeros(sum(p.numel() for p in params), device=mask.device)
-            for idx in mb_idx.split(micro):
-                values = critic_values(models, input_ids[idx], attention_mask[idx], P)  # (b, T)
-                loss, _ = clipped_value_loss(values, batch.values[idx], targets.returns[idx], mask[idx],
-                                             cfg.rl.value_clip_range)
-                weight = len(idx) / len(mb_idx)
-                grads += _flat(torch.autograd.grad(loss * weight, params, allow_unused=True), params)
-                total += loss.item() * weight
-            count += 1
-            skipped += not _critic_step(run, params, grads)
-    return {"value_loss": total / max(count, 1), "critic_skipped": float(skipped)}
-
-
-def trpo_update(run: Run, batch: RolloutBatch, targets: Targets, kl_coef: float, rollout: Any) -> dict[str, float]:
-    """The `Algorithm.update` of trpo: a natural-gradient step of the policy adapter, then the critic's steps."""
-    cfg = run.cfg
+def trpo_update(models: Models, updater: Any, batch: RolloutBatch, targets: Targets, cfg: Config, kl_coef: float,
+                rollout: Any) -> dict[str, float]:
+    """The `Algorithm.update` of trpo: a natural-gradient step of the policy adapter, then the critic's steps.
+    updater: the loop's optimizer service (pefrl/updater.py: mean_over_ranks, minibatches, params)."""
     pb = PolicyBatch(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                      prompt_len=rollout.query_ids.shape[1], response_mask=batch.response_mask,
                      behaviour_logprobs=batch.logprobs, advantages=targets.advantages,
                      micro_batch_size=cfg.rl.micro_batch_size, temperature=cfg.rollout.temperature,
                      max_len=cfg.max_policy_tokens, chunk_size=cfg.model.logits_chunk_size,
                      ref_logprobs=batch.ref_logprobs)
-    stats = natural_gradient_step(run.models, policy_parameters(run.models), pb, cfg.rl, run.accelerator.num_processes)
-    stats.update(critic_update(run, batch, targets, rollout))
+    stats = natural_gradient_step(models, policy_parameters(models), pb, cfg.rl, updater.mean_over_ranks)
+    stats.update(critic_update(models, updater, batch, targets, cfg, rollout))
     stats["skipped_updates"] += stats.pop("critic_skipped")
     return stats
 
 
-register(Algorithm("trpo", uses_critic=True, single_update=False, kl_in_reward=True, targets=gae_targets,
-                   loss=trpo_loss, update=trpo_update))
+ALGORITHM = Algorithm("trpo", uses_critic=True, single_update=False, kl_in_reward=True, targets=gae_targets,
+                      loss=trpo_loss, update=trpo_update, fsdp_ok=False)

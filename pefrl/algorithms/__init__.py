@@ -1,0 +1,52 @@
+"""The algorithm registry: each RL algorithm is a `targets` function and a `loss` function (and optionally its
+own `update`), with capability flags, in one file under pefrl/algorithms/, listed once in `_BUILTIN` below.
+
+The trainer only calls `get_algorithm(cfg.algo)`, then `algo.targets(...)` once per rollout batch and
+`algo.loss(...)` per micro-batch; the loop, FSDP and the config read the flags (`uses_critic`, `single_update`,
+`needs_groups`, `fsdp_ok`), never the name. Adding an algorithm = one file with an `ALGORITHM = Algorithm(...)`
+plus its line in `_BUILTIN` (and its name in config.ALGOS, the names a YAML file may use).
+
+Which RLConfig fields each algorithm reads (reward shaping / advantage / loss):
+
+- ppo:          per-token KL (kl_estimator), whiten_rewards / GAE (gamma, lam), whiten_advantages /
+                clipped policy (clip_range) + vf_coef * clipped value (value_clip_range)
+- a2c:          as ppo / as ppo / -A log pi + vf_coef * unclipped value; one update per batch
+- reinforce:    per-token KL (kl_estimator) / reward-to-go (gamma) - moving baseline (baseline_decay) /
+                -A log pi; one update per batch
+- rloo:         sequence KL, score - kl_coef * sum_t kl_t / leave-one-out over num_samples / clipped policy
+- grpo:         none / group (r - mean) / std (scale_by_std) / clipped policy + kl_coef * k3 loss term
+- reinforce_pp: per-token KL (kl_estimator) / reward-to-go (gamma) whitened over the batch / clipped policy
+- trpo:         as ppo / as ppo / natural-gradient step in a KL trust region (max_kl, cg_iters, cg_damping,
+                line_search_steps), then PPO's value half
+
+All losses subtract entropy_coef * entropy and aggregate per-token terms with loss_aggregation.
+"""
+
+from __future__ import annotations
+
+from pefrl.algorithms import a2c, grpo, ppo, reinforce, reinforce_pp, rloo, trpo
+from pefrl.algorithms.base import Algorithm, RolloutBatch, Targets, loss_inputs
+
+__all__ = ["ALGORITHMS", "Algorithm", "RolloutBatch", "Targets", "get_algorithm", "loss_inputs", "register"]
+
+_BUILTIN = (ppo, a2c, reinforce, rloo, grpo, reinforce_pp, trpo)
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register(a: Algorithm) -> Algorithm:
+    """Add an algorithm under `a.name`; a name registered twice is an error (no silent override)."""
+    if a.name in ALGORITHMS:
+        raise ValueError(f"algorithm {a.name!r} is already registered")
+    ALGORITHMS[a.name] = a
+    return a
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+for _module in _BUILTIN:
+    register(_module.ALGORITHM)
