@@ -89,6 +89,14 @@ def test_same_named_linears_outside_the_blocks_are_excluded(model_dirs):
     assert len(adapted) == 14 and not any("vision" in n for n in adapted)
 
 
+def test_a_model_naming_no_layer_class_gets_every_linear_but_the_head(model_dirs):
+    lm = AutoModelForCausalLM.from_pretrained(model_dirs["phi"])
+    lm._no_split_modules = None  # as some remote-code models ship
+    with pytest.warns(UserWarning, match="names no decoder layer class"):
+        targets, excluded = all_linear_targets(lm)
+    assert targets == EXPECTED["phi"] and excluded == []  # lm_head left out
+
+
 def test_target_order_changes_nothing(model_dirs):
     """peft keeps target_modules as a set and wraps modules in model order: a reordered list gives the same
     adapters, bit for bit (so the old hand-kept order and the model-read one train alike)."""

@@ -8,6 +8,7 @@ decoder layers (FSDP's units).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,25 +49,42 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def all_linear_targets(model: nn.Module) -> tuple[list[str], list[str]]:
-    """peft's "all-linear", limited to the decoder blocks -> (targets, excluded).
+    """peft's "all-linear", limited to the decoder blocks of the language model -> (targets, excluded).
 
-    targets: the distinct leaf names of every linear layer inside the decoder layers, in the order the first
-    layer holds them (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3's fused
-    qkv_proj and gate_up_proj; GPT-2's c_attn, c_proj, c_fc). peft matches a leaf name as a suffix anywhere in
-    the model, so excluded lists the full names of the linear layers outside the blocks that share a leaf name
-    with a target (a vision tower's q_proj, say): peft's exclude_modules. The output head and embeddings are
-    never targets (they are outside the blocks).
+    targets: the distinct leaf names of every linear layer inside the blocks, in the order the first block
+    holds them (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3's fused qkv_proj
+    and gate_up_proj; GPT-2's c_attn, c_proj, c_fc). peft matches a leaf name as a suffix anywhere in the model,
+    so excluded lists the full names of the linear layers outside the blocks that share a leaf name with a
+    target (a vision tower's q_proj, say): peft's exclude_modules. The output head and the embeddings are never
+    targets.
     """
-    layers = decoder_layers(model)
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    targets = list(dict.fromkeys(name.rsplit(".", 1)[-1] for layer in layers
-                                 for name, module in layer.named_modules() if name and is_linear(module)))
+    blocks = _text_blocks(model)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = {id(m) for block in blocks for m in block.modules()} - {id(out_emb)}
+    targets = list(dict.fromkeys(name.rsplit(".", 1)[-1] for block in blocks for name, module in
+                                 block.named_modules() if name and is_linear(module) and id(module) in inside))
     if not targets:
         raise ValueError(f"{type(model).__name__}'s decoder layers hold no linear layer LoRA can adapt; "
                          "set lora.target_modules")
     excluded = [name for name, module in model.named_modules()
                 if is_linear(module) and id(module) not in inside and name.rsplit(".", 1)[-1] in targets]
     return targets, excluded
+
+
+def _text_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of the language model (get_decoder: a VLM's vision blocks are left out); a model
+    that names no layer class: its whole decoder, warned."""
+    text = model.get_decoder() if hasattr(model, "get_decoder") else model
+    in_text = {id(m) for m in text.modules()}
+    try:
+        layers = [layer for layer in decoder_layers(model) if id(layer) in in_text]
+    except NotImplementedError:
+        layers = []
+    if not layers:
+        warnings.warn(f"{type(model).__name__} names no decoder layer class (_no_split_modules): LoRA targets "
+                      f"every linear layer of its {type(text).__name__} but the output head", stacklevel=3)
+        return [text]
+    return layers
 
 
 def stores_transposed(model: nn.Module, targets: list[str]) -> bool:
