@@ -148,6 +148,8 @@ def test_ppo_trains_only_the_adapters_and_the_merged_export_reproduces_them(mode
     changed = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters()
                if n in lora_before and f".{POLICY}." in n and not torch.equal(p, lora_before[n])}
     assert changed == set(EXPECTED[arch])  # every kind of projection learned something
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["kl"]) < 1e-5  # adapters start at B = 0: sampler, policy and reference passes agree
     names = re.escape(", ".join(EXPECTED[arch]))
     assert re.search(rf"lora r=4 on \d+ modules = 2 layers x \({names}\) \+ critic", capsys.readouterr().out)
 
