@@ -74,7 +74,8 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the LoRA input. Keep 0 for RL: dropout makes old and new logprobs disagree."""
     target_modules: list[str] | None = None
-    """Module names to adapt. Empty: attention and MLP projections for the architecture (see models.py)."""
+    """Module leaf names to adapt (e.g. [q_proj, v_proj]). Empty: every linear layer inside the decoder blocks
+    (peft's all-linear without the output head and anything outside the blocks); the start line names them."""
 
     def __post_init__(self):
         _positive("lora.r", self.r)

@@ -1,7 +1,7 @@
 """Tiny causal LMs built offline from config, with a BPE tokenizer trained by `tokenizers`, and where the
 embedded default model lives.
 
-Used by the tests (Llama, Qwen2 and GPT-2 architectures) and by pefrl.tasks.arithmetic_model (CLI:
+Used by the tests (every family in MODEL_TYPES; most tests run ARCHS) and by pefrl.tasks.arithmetic_model (CLI:
 scripts/build_tiny_model.py), which trains the embedded default model. Everything here runs in seconds on a CPU
 and touches no hub.
 """
@@ -13,19 +13,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ARCHS = ("llama", "qwen2", "gpt2")
+"""The three families most model tests run: the lean Llama layer, it with q/k/v biases, and Conv1D projections."""
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi", "phi3", "gpt2", "gpt_neox", "olmo2")
+"""Every family build_model builds (config.model_type)."""
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-arith"
 """The embedded default model (tokenizer + tiny Llama trained on two-digit addition), shipped as package data;
 built by pefrl.tasks.arithmetic_model."""
@@ -80,9 +74,9 @@ def build_model(
     max_positions: int = 128,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """A randomly initialized causal LM of the given architecture sized to `tokenizer`."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    """A randomly initialized causal LM of the model_type `arch` (one of MODEL_TYPES) sized to `tokenizer`."""
+    if arch not in MODEL_TYPES:
+        raise ValueError(f"arch must be one of {MODEL_TYPES}, got {arch!r}")
     torch.manual_seed(seed)
     ids = dict(
         vocab_size=len(tokenizer),
@@ -91,21 +85,25 @@ def build_model(
         pad_token_id=tokenizer.pad_token_id,
     )
     if arch == "gpt2":
-        cfg = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, **ids)
-        return GPT2LMHeadModel(cfg)
+        cfg = AutoConfig.for_model("gpt2", n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                                   n_positions=max_positions, **ids)
+        return AutoModelForCausalLM.from_config(cfg)
     common = dict(
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 4,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         **ids,
     )
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common))
-    return Qwen2ForCausalLM(Qwen2Config(**common))
+    if arch != "gpt_neox":  # GPT-NeoX has no grouped-query attention
+        common["num_key_value_heads"] = num_heads
+    if arch in ("qwen3", "gemma", "gemma2"):  # their default head_dim is fixed (128 / 256), not hidden / heads
+        common["head_dim"] = hidden_size // num_heads
+    if arch == "mistral":
+        common["sliding_window"] = None  # a window longer than max_positions changes nothing; None says so
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common))
 
 
 def save_tiny_model(out_dir: str | Path, arch: str = "llama", tokenizer: PreTrainedTokenizerFast | None = None,

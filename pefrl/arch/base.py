@@ -1,13 +1,14 @@
 """What every model family shares, and the generic fallback for families pefrl has no file for.
 
-A family's facts (pefrl.arch.Family): which projections LoRA adapts by default, whether pefrl's lean decoder
-(pefrl/arch/llama.py's functional layer) can run it, and which of its layers FSDP shards. The facts read from a
-model's config or modules the same way for every family (logits post-processing, dropout, context length,
-decoder layer classes) are functions here.
+A family's facts (pefrl.arch.Family): whether pefrl's lean decoder (pefrl/arch/llama.py's functional layer) can
+run it. The facts read from a model's config or modules the same way for every family are functions here: the
+LoRA targets (every linear layer of the decoder blocks), logits post-processing, dropout, context length, the
+decoder layers (FSDP's units).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,46 +17,74 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-LLAMA_LIKE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Attention and MLP projections of Llama, Qwen2, Mistral, Gemma and most decoder LMs since."""
-
-
 @dataclass(frozen=True)
 class Family:
-    """The facts pefrl needs about one model family (config.model_type)."""
+    """The facts pefrl needs about one model family (config.model_type). LoRA targets are no such fact: every
+    family gets every linear layer of its decoder blocks (`all_linear_targets`)."""
 
     name: str
     """model_type as transformers spells it; 'generic' for the fallback."""
-    lora_targets: tuple[str, ...] = LLAMA_LIKE_TARGETS
-    """Default LoRA target modules (leaf names), those the model has; generic: these when present, else every
-    linear layer but the output embeddings."""
     lean_projections: tuple[str, ...] = ()
     """Projection paths inside one decoder layer that pefrl's lean decoder routes LoRA through (the Llama
     layout of pefrl/arch/llama.py); empty: the lean decoder cannot run this family."""
 
-    def default_targets(self, existing: set[str]) -> list[str]:
-        """Default LoRA targets among the linear layer names `existing`."""
-        found = [n for n in LLAMA_LIKE_TARGETS if n in existing]  # Llama-like names win in every family
-        if found:
-            return found
-        if self.lora_targets != LLAMA_LIKE_TARGETS:
-            return [n for n in self.lora_targets if n in existing]
-        return sorted(existing)
-
 
 GENERIC = Family("generic")
-"""Any family without a file: Llama-like projection names when present, else every linear; no lean decoder."""
+"""Any family without a file: no lean decoder."""
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer LoRA can wrap as a linear map: nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt are
+    subclasses) or transformers' Conv1D (GPT-2); peft's "all-linear" counts the same classes."""
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct leaf names of the Linear / Conv1D layers LoRA could adapt, output embeddings excluded."""
+    """Distinct leaf names of the linear layers LoRA could adapt anywhere in the model, output embeddings
+    excluded: what a user's lora.target_modules may name."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not out_emb and name
-    }
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if is_linear(module) and module is not out_emb and name}
     return sorted(names)
+
+
+def all_linear_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """peft's "all-linear", limited to the decoder blocks of the language model -> (targets, excluded).
+
+    targets: the distinct leaf names of every linear layer inside the blocks, in the order the first block
+    holds them (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3's fused qkv_proj
+    and gate_up_proj; GPT-2's c_attn, c_proj, c_fc). peft matches a leaf name as a suffix anywhere in the model,
+    so excluded lists the full names of the linear layers outside the blocks that share a leaf name with a
+    target (a vision tower's q_proj, say): peft's exclude_modules. The output head and the embeddings are never
+    targets.
+    """
+    blocks = _text_blocks(model)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = {id(m) for block in blocks for m in block.modules()} - {id(out_emb)}
+    targets = list(dict.fromkeys(name.rsplit(".", 1)[-1] for block in blocks for name, module in
+                                 block.named_modules() if name and is_linear(module) and id(module) in inside))
+    if not targets:
+        raise ValueError(f"{type(model).__name__}'s decoder layers hold no linear layer LoRA can adapt; "
+                         "set lora.target_modules")
+    excluded = [name for name, module in model.named_modules()
+                if is_linear(module) and id(module) not in inside and name.rsplit(".", 1)[-1] in targets]
+    return targets, excluded
+
+
+def _text_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of the language model (get_decoder: a VLM's vision blocks are left out); a model
+    that names no layer class: its whole decoder, warned."""
+    text = model.get_decoder() if hasattr(model, "get_decoder") else model
+    in_text = {id(m) for m in text.modules()}
+    try:
+        layers = [layer for layer in decoder_layers(model) if id(layer) in in_text]
+    except NotImplementedError:
+        layers = []
+    if not layers:
+        warnings.warn(f"{type(model).__name__} names no decoder layer class (_no_split_modules): LoRA targets "
+                      f"every linear layer of its {type(text).__name__} but the output head", stacklevel=3)
+        return [text]
+    return layers
 
 
 def stores_transposed(model: nn.Module, targets: list[str]) -> bool:

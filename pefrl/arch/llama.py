@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefrl.arch.base import LLAMA_LIKE_TARGETS, Family, positions_from_mask
+from pefrl.arch.base import Family, positions_from_mask
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 """Paths of the projections inside one decoder layer: where the lean layer applies LoRA."""
 
-FAMILY = Family("llama", lora_targets=LLAMA_LIKE_TARGETS, lean_projections=PROJECTIONS)
+FAMILY = Family("llama", lean_projections=PROJECTIONS)
 
 Groups = list[tuple[slice, str | None]]
 """Rows of the batch and the adapter each runs with (None: adapters off, i.e. the base)."""

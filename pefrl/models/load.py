@@ -149,13 +149,14 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def _lora_config(base: PreTrainedModel, lora_cfg: LoraConfig) -> PeftLoraConfig:
-    targets = resolve_target_modules(base, lora_cfg.target_modules)
+    targets, excluded = resolve_target_modules(base, lora_cfg.target_modules)
     conv1d = stores_transposed(base, targets)
     return PeftLoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=targets,
+        target_modules=targets,  # peft keeps a set: their order changes nothing
+        exclude_modules=excluded or None,  # same-named linears outside the decoder blocks
         fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores weights transposed
         bias="none",
         task_type="CAUSAL_LM",
