@@ -265,13 +265,13 @@ def choose_engine(models: Models, rollout_cfg: RolloutConfig) -> str:
     if rollout_cfg.engine == "pefrl":
         raise ValueError(f"rollout.engine: 'pefrl' cannot sample from this model: {lean}; {generic}; use 'auto' "
                          "or 'transformers'")
-    return _log_engine(models, "transformers", f"{lean}; {generic}")
+    return _log_engine(models, "transformers", f"{lean}; {generic}", logging.WARNING)  # the slow path, unasked
 
 
-def _log_engine(models: Models, engine: str, why: str | None) -> str:
+def _log_engine(models: Models, engine: str, why: str | None, level: int = logging.INFO) -> str:
     if getattr(models.model, "_pefrl_engine_logged", None) != engine:
         models.model._pefrl_engine_logged = engine
-        logger.info("rollout engine: %s%s", engine, f" ({why})" if why else "")
+        logger.log(level, "rollout engine: %s%s", engine, f" ({why})" if why else "")
     return engine
 
 

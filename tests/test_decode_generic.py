@@ -131,6 +131,7 @@ def test_auto_logs_the_engine_once_and_falls_back_where_no_sampler_of_ours_runs(
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pefrl.rollout"):
         assert choose_engine(models, RolloutConfig()) == "transformers"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # auto lost the fast path: said where it is seen
     assert "transformers" in caplog.text and "DoRA" in caplog.text
     with pytest.raises(ValueError, match="'pefrl' cannot sample from this model: .*DoRA"):
         choose_engine(models, RolloutConfig(engine="pefrl"))
