@@ -1,10 +1,11 @@
-"""A lean KV-cache sampler for Llama-family bases with LoRA adapters, scoring the reference in the same pass.
+"""pefrl's KV-cache sampler for LoRA adapters on one frozen base, scoring the reference in the same pass.
 
 Why not transformers' `generate`: on the small batches of RL rollouts a decode step is bound by Python overhead
 per module call and by reading the weights, not by FLOPs. `generate` runs every token through peft's wrappers,
-the HF module tree and generic cache and mask machinery; here one plain function per decoder layer (the lean
-functional layer of pefrl/arch/llama.py) reads the same tensors directly (base weight, LoRA A and B, scaling: nothing copied or merged, so it always samples from
-the adapters as they are now) into a preallocated KV cache.
+the HF module tree and generic cache and mask machinery; the lean stepper here runs one plain function per
+decoder layer (the lean functional layer of pefrl/arch/llama.py) over the same tensors (base weight, LoRA A and
+B, scaling: nothing copied or merged, so it always samples from the adapters as they are now) into a
+preallocated KV cache.
 
 Why the reference rides along: the KL penalty needs log pi_ref of every sampled token, which costs a full
 forward of the base after generation. Here each decode step runs 2B rows instead: rows 0..B-1 with the policy
@@ -12,11 +13,13 @@ adapter, rows B..2B-1 with adapters off (or the frozen reference adapter), fed t
 sampled. Weight reads are shared by all rows, so on a decode-bound step the reference costs a fraction of a
 separate forward (docs/benchmarks.md has the measurement).
 
-Supported: the families of pefrl.arch with lean projections (llama, mistral and qwen2: the same layer up to
-q/k/v biases), unquantized weights, LoRA
-(no DoRA) on the attention and MLP projections. `unsupported_reason` says why anything else is not; the
-rollout then uses transformers' generate. Every result is checked against the HF forward in
-tests/test_decode.py.
+Two steppers under one sampling loop (`sample`): the lean one (`LeanStepper`) for the families of pefrl.arch
+with lean projections (llama, mistral and qwen2: the same layer up to q/k/v biases), unquantized or
+bitsandbytes 4-bit / 8-bit (those layers run their own forward), LoRA (no DoRA) on the attention and MLP
+projections; `unsupported_reason` says why anything else is not. Everything else transformers can run with a
+cache takes the generic stepper (pefrl/decode_generic.py: the model's own forward, each row group's adapter
+routed into the LoRA layers). Every result is checked against the HF forward in tests/test_decode.py and
+tests/test_decode_generic.py.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pefrl import arch
 from pefrl.arch import LogitsHead, positions_from_mask
 from pefrl.arch.llama import Groups, forward_cached, layers, new_cache
 from pefrl.config import RolloutConfig
-from pefrl.decode_generic import MixedStepper, row_names
+from pefrl.decode_generic import GenericStepper
 from pefrl.models import POLICY, Models
 from pefrl.ops.logprobs import epsilon_mixture, step_policy, tempered
 
@@ -198,14 +201,15 @@ def _stepper(models: Models, engine: str, B: int, size: int, with_reference: boo
              with_critic_inputs: bool):
     """The stepper of `engine` ('lean' or 'generic') for B policy rows (+ B reference rows), and whether it keeps
     critic inputs."""
+    groups = _row_groups(models, B, with_reference)
     if engine == "generic":  # critic inputs feed the lean layer's upper_layers: not kept here
-        return MixedStepper(models, row_names(models, POLICY, B, with_reference), with_values), False
+        return GenericStepper(models, groups, with_values), False
     if engine != "lean":
         raise ValueError(f"engine must be 'lean' or 'generic', got {engine!r}")
     capture = None
     if with_critic_inputs and with_reference and models.reference is None and models.critic_from is not None:
         capture = (models.critic_from, slice(B, 2 * B))  # the reference rows
-    return LeanStepper(models, _row_groups(models, B, with_reference), size, capture), capture is not None
+    return LeanStepper(models, groups, size, capture), capture is not None
 
 
 @torch.no_grad()
@@ -220,7 +224,7 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
     (model.critic_layers), keep the hidden states entering its first layer from the reference rows, where those
     run the base (with with_reference and no reference adapter): below that layer the critic is the base too.
     engine: 'lean' (the functional layer, families with lean projections) or 'generic' (the model's own forward
-    with peft's mixed-adapter batches, pefrl/decode_generic.py). The policy adapter must be active.
+    with each row group's adapter routed in, pefrl/decode_generic.py). The policy adapter must be active.
     A row ends at EOS or when `stopping(ids, None)` flags it (transformers' StoppingCriteria interface); the
     loop ends when every row has. Sampling draws from the global torch RNG, as `generate` does.
     """
