@@ -128,9 +128,10 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation of a sequence ends at the first one (EOS always stops)."""
     engine: str = "auto"
-    """Sampler: 'pefrl' (lean KV-cache decoder for Llama/Mistral/Qwen2 bases that also scores the reference
-    in the same pass, pefrl/decode.py), 'transformers' (HF generate, any model) or 'auto' (pefrl where the
-    model is supported, else transformers)."""
+    """Sampler: 'pefrl' (pefrl's KV-cache sampler, which also scores the reference in the same pass,
+    pefrl/decode.py: the lean layer for Llama/Mistral/Qwen2, else the model's own forward; an error where
+    neither runs, e.g. an FSDP-sharded base), 'transformers' (HF generate, any model) or 'auto' (pefrl's where it
+    runs, else transformers, with the reason logged once)."""
 
     def __post_init__(self):
         _positive("rollout.batch_size", self.batch_size)

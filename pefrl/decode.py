@@ -1,10 +1,11 @@
-"""A lean KV-cache sampler for Llama-family bases with LoRA adapters, scoring the reference in the same pass.
+"""pefrl's KV-cache sampler for LoRA adapters on one frozen base, scoring the reference in the same pass.
 
 Why not transformers' `generate`: on the small batches of RL rollouts a decode step is bound by Python overhead
 per module call and by reading the weights, not by FLOPs. `generate` runs every token through peft's wrappers,
-the HF module tree and generic cache and mask machinery; here one plain function per decoder layer (the lean
-functional layer of pefrl/arch/llama.py) reads the same tensors directly (base weight, LoRA A and B, scaling: nothing copied or merged, so it always samples from
-the adapters as they are now) into a preallocated KV cache.
+the HF module tree and generic cache and mask machinery; the lean stepper here runs one plain function per
+decoder layer (the lean functional layer of pefrl/arch/llama.py) over the same tensors (base weight, LoRA A and
+B, scaling: nothing copied or merged, so it always samples from the adapters as they are now) into a
+preallocated KV cache.
 
 Why the reference rides along: the KL penalty needs log pi_ref of every sampled token, which costs a full
 forward of the base after generation. Here each decode step runs 2B rows instead: rows 0..B-1 with the policy
@@ -12,11 +13,13 @@ adapter, rows B..2B-1 with adapters off (or the frozen reference adapter), fed t
 sampled. Weight reads are shared by all rows, so on a decode-bound step the reference costs a fraction of a
 separate forward (docs/benchmarks.md has the measurement).
 
-Supported: the families of pefrl.arch with lean projections (llama, mistral and qwen2: the same layer up to
-q/k/v biases), unquantized weights, LoRA
-(no DoRA) on the attention and MLP projections. `unsupported_reason` says why anything else is not; the
-rollout then uses transformers' generate. Every result is checked against the HF forward in
-tests/test_decode.py.
+Two steppers under one sampling loop (`sample`): the lean one (`LeanStepper`) for the families of pefrl.arch
+with lean projections (llama, mistral and qwen2: the same layer up to q/k/v biases), unquantized or
+bitsandbytes 4-bit / 8-bit (those layers run their own forward), LoRA (no DoRA) on the attention and MLP
+projections; `unsupported_reason` says why anything else is not. Everything else transformers can run with a
+cache takes the generic stepper (pefrl/decode_generic.py: the model's own forward, each row group's adapter
+routed into the LoRA layers). Every result is checked against the HF forward in tests/test_decode.py and
+tests/test_decode_generic.py.
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ from pefrl import arch
 from pefrl.arch import LogitsHead, positions_from_mask
 from pefrl.arch.llama import Groups, forward_cached, layers, new_cache
 from pefrl.config import RolloutConfig
+from pefrl.decode_generic import GenericStepper
 from pefrl.models import POLICY, Models
 from pefrl.ops.logprobs import epsilon_mixture, step_policy, tempered
+
+
+QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")
+"""bitsandbytes' linear layers: the lean layer runs their own forward (pefrl.arch.llama.lora_linear)."""
 
 
 def unsupported_reason(models: Models) -> str | None:
@@ -44,8 +52,6 @@ def unsupported_reason(models: Models) -> str | None:
     if not projections:
         supported = [name for name, fam in arch.FAMILIES.items() if fam.lean_projections]
         return f"model_type {cfg.model_type!r} (supported: {', '.join(supported)})"
-    if getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False):
-        return "quantized base"
     if any(isinstance(p, DTensor) for p in lm.parameters()):
         return "FSDP-sharded base (the sampler reads weights directly; FSDP gathers them only inside forward)"
     if getattr(cfg, "pretraining_tp", 1) != 1:
@@ -57,8 +63,8 @@ def unsupported_reason(models: Models) -> str | None:
         for path in projections:
             module = layer.get_submodule(path)
             base = getattr(module, "base_layer", module)
-            if type(base) is not nn.Linear:
-                return f"{path} is {type(base).__name__}, not a plain nn.Linear"
+            if type(base) is not nn.Linear and type(base).__name__ not in QUANTIZED_LINEARS:
+                return f"{path} is {type(base).__name__}, not a plain nn.Linear or a bitsandbytes one"
             if any(getattr(module, "use_dora", {}).values()) or getattr(module, "merged_adapters", []):
                 return f"{path}: DoRA or merged adapters"
     wrapped = {name for name, m in lm.named_modules() if hasattr(m, "lora_A")}
@@ -86,8 +92,9 @@ def _store_input_major(lm: nn.Module) -> None:
     for layer in layers(lm):
         for path in projections:
             module = layer.get_submodule(path)
-            weight = getattr(module, "base_layer", module).weight
-            if weight.device.type != "cpu" or not weight.is_contiguous() or min(weight.shape) == 1:
+            base = getattr(module, "base_layer", module)
+            weight = base.weight
+            if type(base) is not nn.Linear or weight.device.type != "cpu" or not weight.is_contiguous() or min(weight.shape) == 1:
                 continue
             out_features, in_features = weight.shape
             flat = weight.data.view(-1)  # the storage, row-major (out, in)
@@ -160,72 +167,112 @@ def _row_groups(models: Models, B: int, with_reference: bool) -> Groups:
     return groups
 
 
+class LeanStepper:
+    """The decode batch through the lean functional layer (pefrl/arch/llama.py) and a preallocated cache.
+    `prefill` and `step` return (last-position logits (R, V), hidden states (R, H), captured critic inputs)."""
+
+    def __init__(self, models: Models, groups: Groups, size: int, capture: tuple[int, slice] | None):
+        self.lm, self.groups, self.capture = models.lm, groups, capture
+        _store_input_major(self.lm)
+        self.head = LogitsHead(self.lm)
+        R = groups[-1][0].stop
+        self.cache = new_cache(self.lm, R, size, self.lm.model.embed_tokens.weight)
+        self.t, self.next_pos = 0, None
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor):
+        hidden, captured = forward_cached(self.lm, ids, positions, self.cache, self.t, self.groups,
+                                          self.capture)  # (R, H), (B, L, H) or None
+        self.t += ids.shape[1]
+        self.next_pos = positions[:, -1:] + 1  # (R, 1)
+        return self.head(hidden), hidden, captured
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor):
+        """The prompts ids (R, P), left-padded (mask (R, P)): positions from the mask, as generate gives them."""
+        self.cache.key_mask[:, : ids.shape[1]] = mask.bool()
+        return self._forward(ids, positions_from_mask(mask))
+
+    def step(self, tokens: torch.Tensor):
+        """The next token of every row, tokens (R,): attended to from now on, as generate does, even a pad."""
+        self.cache.key_mask[:, self.t] = True
+        return self._forward(tokens[:, None], self.next_pos)
+
+
+def _stepper(models: Models, engine: str, B: int, size: int, with_reference: bool, with_values: bool,
+             with_critic_inputs: bool):
+    """The stepper of `engine` ('lean' or 'generic') for B policy rows (+ B reference rows), and whether it keeps
+    critic inputs."""
+    groups = _row_groups(models, B, with_reference)
+    if engine == "generic":  # critic inputs feed the lean layer's upper_layers: not kept here
+        return GenericStepper(models, groups, with_values), False
+    if engine != "lean":
+        raise ValueError(f"engine must be 'lean' or 'generic', got {engine!r}")
+    capture = None
+    if with_critic_inputs and with_reference and models.reference is None and models.critic_from is not None:
+        capture = (models.critic_from, slice(B, 2 * B))  # the reference rows
+    return LeanStepper(models, groups, size, capture), capture is not None
+
+
 @torch.no_grad()
 def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cfg: RolloutConfig,
            eos_ids: list[int], pad_id: int, stopping=None, with_reference: bool = False,
-           with_values: bool = False, with_critic_inputs: bool = False) -> Sampled:
+           with_values: bool = False, with_critic_inputs: bool = False, engine: str = "lean") -> Sampled:
     """Sample up to cfg.max_new_tokens tokens per row of the left-padded prompts query_ids (B, P).
 
     with_reference: also score every sampled token under the reference (B more rows). with_values: the value of
     the state before each token from the shared critic head on the policy rows' own hidden states (free); only
-    for model.critic == 'shared'. with_critic_inputs: for a critic adapter on the top layers (model.critic_layers),
-    keep the hidden states entering its first layer from the reference rows, where those run the base (with
-    with_reference and no reference adapter): below that layer the critic is the base too.
+    for model.critic == 'shared'. with_critic_inputs (lean engine): for a critic adapter on the top layers
+    (model.critic_layers), keep the hidden states entering its first layer from the reference rows, where those
+    run the base (with with_reference and no reference adapter): below that layer the critic is the base too.
+    engine: 'lean' (the functional layer, families with lean projections) or 'generic' (the model's own forward
+    with each row group's adapter routed in, pefrl/decode_generic.py). The policy adapter must be active.
     A row ends at EOS or when `stopping(ids, None)` flags it (transformers' StoppingCriteria interface); the
     loop ends when every row has. Sampling draws from the global torch RNG, as `generate` does.
     """
-    lm = models.lm
-    _store_input_major(lm)
-    head = LogitsHead(lm)
     B, P = query_ids.shape
     if with_values and models.critic != "shared":
         raise ValueError(f"values while sampling need the shared critic; critic is {models.critic!r}")
-    groups = _row_groups(models, B, with_reference)
-    copies = len(groups)
-    capture = None
-    if with_critic_inputs and with_reference and models.reference is None and models.critic_from is not None:
-        capture = (models.critic_from, slice(B, 2 * B))  # the reference rows
-    critic_inputs = []
-    ids, mask = query_ids.repeat(copies, 1), query_mask.repeat(copies, 1)  # (copies * B, P)
-    R, N = len(ids), cfg.max_new_tokens
-    cache = new_cache(lm, R, P + N, lm.model.embed_tokens.weight)
-    cache.key_mask[:, :P] = mask.bool()
-    positions = positions_from_mask(mask)  # (R, P): left padding does not shift positions
-    hidden, captured = forward_cached(lm, ids, positions, cache, 0, groups, capture)  # (R, H), (B, P, H)
-    critic_inputs.append(captured)
-    next_pos = positions[:, -1:] + 1  # (R, 1)
-    eos = torch.tensor(eos_ids, device=ids.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    copies = 2 if with_reference else 1
+    N = cfg.max_new_tokens
+    stepper, capturing = _stepper(models, engine, B, P + N, with_reference, with_values, with_critic_inputs)
+    logits, hidden, captured = stepper.prefill(query_ids.repeat(copies, 1), query_mask.repeat(copies, 1))
+    critic_inputs = [captured]
+    eos = torch.tensor(eos_ids, device=query_ids.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=query_ids.device)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("tokens", "logprobs", "entropy", "behaviour", "ref",
                                                            "values")}
     generated = query_ids
     for t in range(N):
-        logits = head(hidden)  # (R, V)
         if with_values:
             out["values"].append(models.value_head(hidden[:B]))  # (B,): the policy's own hidden states
-        z = tempered(logits[:B], cfg.temperature)  # (B, V)
-        logprobs, entropy = step_policy(z, 1.0)  # z is already tempered
-        tokens, behaviour = _choose(z, cfg, generated)
-        tokens = tokens.masked_fill(finished, pad_id)  # finished rows keep emitting pad, as generate does
-        out["tokens"].append(tokens)
-        out["logprobs"].append(logprobs.gather(-1, tokens[:, None]).squeeze(-1))
-        out["entropy"].append(entropy)
-        if behaviour is not None:
-            out["behaviour"].append(behaviour)
-        if with_reference:
-            ref = torch.log_softmax(tempered(logits[B:], cfg.temperature), dim=-1)  # (B, V)
-            out["ref"].append(ref.gather(-1, tokens[:, None]).squeeze(-1))
+        tokens = _record(out, logits, B, cfg, generated, with_reference, finished, pad_id)  # (B,)
         generated = torch.cat([generated, tokens[:, None]], dim=1)  # (B, P + t + 1)
         finished |= torch.isin(tokens, eos)
         if stopping is not None:
             finished |= stopping(generated, None)
         if bool(finished.all()) or t == N - 1:
             break
-        cache.key_mask[:, P + t] = True
-        hidden, captured = forward_cached(lm, tokens.repeat(copies)[:, None], next_pos, cache, P + t, groups,
-                                    capture)  # (R, H), (B, 1, H)
+        logits, hidden, captured = stepper.step(tokens.repeat(copies))  # the reference rows follow the policy
         critic_inputs.append(captured)
-        next_pos = next_pos + 1
     stack = lambda k: torch.stack(out[k], dim=1) if out[k] else None  # noqa: E731  (B, T0)
     return Sampled(stack("tokens"), stack("logprobs"), stack("entropy"), stack("behaviour"), stack("ref"),
-                   stack("values"), torch.cat(critic_inputs, dim=1) if capture is not None else None)
+                   stack("values"), torch.cat(critic_inputs, dim=1) if capturing else None)
+
+
+def _record(out: dict[str, list[torch.Tensor]], logits: torch.Tensor, B: int, cfg: RolloutConfig,
+            generated: torch.Tensor, with_reference: bool, finished: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Sample the policy rows' next tokens (B,) from logits (R, V) and append what is recorded of them to `out`:
+    tokens, their logprobs and the entropy under the tempered policy, under the epsilon mixture, under the
+    reference (rows B..2B-1)."""
+    z = tempered(logits[:B], cfg.temperature)  # (B, V)
+    logprobs, entropy = step_policy(z, 1.0)  # z is already tempered
+    tokens, behaviour = _choose(z, cfg, generated)
+    tokens = tokens.masked_fill(finished, pad_id)  # finished rows keep emitting pad, as generate does
+    out["tokens"].append(tokens)
+    out["logprobs"].append(logprobs.gather(-1, tokens[:, None]).squeeze(-1))
+    out["entropy"].append(entropy)
+    if behaviour is not None:
+        out["behaviour"].append(behaviour)
+    if with_reference:
+        ref = torch.log_softmax(tempered(logits[B:], cfg.temperature), dim=-1)  # (B, V)
+        out["ref"].append(ref.gather(-1, tokens[:, None]).squeeze(-1))
+    return tokens

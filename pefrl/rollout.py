@@ -1,8 +1,9 @@
 """Rollout: sample completions from the policy adapter (left padding, KV cache).
 
-Two engines (rollout.engine): pefrl's lean decoder (pefrl/decode.py: Llama/Mistral/Qwen2, unquantized; it can
-score the reference in the same pass) and HF `generate` (any model). Both sample the same distribution and
-record the same old logprobs and entropies; `auto` takes the lean one where it runs.
+Two samplers (rollout.engine, see `choose_engine`): pefrl's (pefrl/decode.py), which scores the reference (and a
+shared critic) in the same pass, through the lean layer for Llama/Mistral/Qwen2 or through the model's own
+forward for any other causal LM; and HF `generate`, which scores nothing. Both sample the same distribution and
+record the same old logprobs and entropies; `auto` takes pefrl's where it runs.
 
 A completion ends at the first EOS (kept, and in the response_mask: the policy chose to stop) or at the first
 stop string (the token that completes it is kept; the text is cut before the string). Positions after the end
@@ -15,6 +16,7 @@ softmax(logits / temperature) and must describe the distribution that sampled.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +28,12 @@ from transformers import (
     TemperatureLogitsWarper,
 )
 
-from pefrl import decode
+from pefrl import decode, decode_generic
 from pefrl.config import RolloutConfig
 from pefrl.models import POLICY, Models, use_adapter
 from pefrl.ops.logprobs import epsilon_mixture, step_policy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +59,7 @@ class Rollout:
     entropy: torch.Tensor | None = None
     """(B, T) entropy of the tempered policy at each response position, recorded while sampling."""
     ref_logprobs: torch.Tensor | None = None
-    """(B, T) reference logprobs of the sampled tokens, scored while sampling (engine 'pefrl' with
+    """(B, T) reference logprobs of the sampled tokens, scored while sampling (pefrl's sampler with
     with_reference=True); 0 where response_mask is 0. None: the trainer runs the reference forward."""
     values: torch.Tensor | None = None
     """(B, T) critic values of the states before each response token, scored while sampling (engine 'pefrl'
@@ -244,15 +248,36 @@ def _response_length(tokenizer, tokens: list[int], eos_ids: list[int], stop: lis
     return lo, text[: min(cuts)]
 
 
-def use_pefrl_engine(models: Models, rollout_cfg: RolloutConfig) -> bool:
-    """Whether rollout.engine picks pefrl's lean decoder for these models (raises if 'pefrl' cannot run)."""
+def choose_engine(models: Models, rollout_cfg: RolloutConfig) -> str:
+    """The sampler rollout.engine runs on these models: 'lean' (pefrl's functional layer), 'generic' (pefrl's
+    loop through the model's own forward with mixed-adapter rows) or 'transformers' (HF generate).
+
+    'pefrl': lean where it runs, else generic, else ValueError naming why; 'auto': the same, else transformers.
+    Which one ran, and why not a faster one, is logged once per model (at setup where the trainer asks early)."""
     if rollout_cfg.engine == "transformers":
-        return False
-    reason = decode.unsupported_reason(models)
-    if reason is not None and rollout_cfg.engine == "pefrl":
-        raise ValueError(f"rollout.engine: 'pefrl' cannot sample from this model: {reason}; use 'auto' or "
-                         "'transformers'")
-    return reason is None
+        return _log_engine(models, "transformers", "rollout.engine=transformers")
+    lean = decode.unsupported_reason(models)
+    if lean is None:
+        return _log_engine(models, "lean", None)
+    generic = decode_generic.unsupported_reason(models)
+    if generic is None:
+        return _log_engine(models, "generic", f"not the lean decoder: {lean}")
+    if rollout_cfg.engine == "pefrl":
+        raise ValueError(f"rollout.engine: 'pefrl' cannot sample from this model: {lean}; {generic}; use 'auto' "
+                         "or 'transformers'")
+    return _log_engine(models, "transformers", f"{lean}; {generic}", logging.WARNING)  # the slow path, unasked
+
+
+def _log_engine(models: Models, engine: str, why: str | None, level: int = logging.INFO) -> str:
+    if getattr(models.model, "_pefrl_engine_logged", None) != engine:
+        models.model._pefrl_engine_logged = engine
+        logger.log(level, "rollout engine: %s%s", engine, f" ({why})" if why else "")
+    return engine
+
+
+def use_pefrl_engine(models: Models, rollout_cfg: RolloutConfig) -> bool:
+    """Whether rollout.engine picks one of pefrl's samplers for these models (raises if 'pefrl' cannot run)."""
+    return choose_engine(models, rollout_cfg) != "transformers"
 
 
 def _hf_generate(models: Models, query_ids, query_mask, cfg: RolloutConfig, tokenizer, eos_ids, stopping):
@@ -297,7 +322,8 @@ def generate(
     P = query_ids.shape[1]
     eos_ids = _eos_ids(models, tokenizer)
     stopping = StopOnStrings(tokenizer, rollout_cfg.stop, P) if rollout_cfg.stop else None
-    lean = use_pefrl_engine(models, rollout_cfg)
+    engine = choose_engine(models, rollout_cfg)
+    ours = engine != "transformers"  # one of pefrl's samplers (pefrl/decode.py)
     seed = _seed_from(generator)
     was_training = model.training
     model.eval()
@@ -306,9 +332,9 @@ def generate(
                                                                  enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            if lean:
+            if ours:
                 out = decode.sample(models, query_ids, query_mask, rollout_cfg, eos_ids, tokenizer.pad_token_id,
-                                    stopping, with_reference, with_values, with_critic_inputs)
+                                    stopping, with_reference, with_values, with_critic_inputs, engine)
                 sampled = out.tokens
             else:
                 sampled, recorder, explore = _hf_generate(models, query_ids, query_mask, rollout_cfg, tokenizer,
@@ -325,7 +351,7 @@ def generate(
     positions = torch.arange(T, device=device)
     response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).float()  # (B, T)
     response_ids = sampled[:, :T].masked_fill(response_mask == 0, tokenizer.pad_token_id)  # (B, T)
-    if lean:
+    if ours:
         # (B, T), 0 past the end (where, not *: a filtered pad token's mixture logprob is -inf)
         zero = lambda x: None if x is None else torch.where(response_mask > 0, x[:, :T], 0.0)  # noqa: E731
         critic_inputs = None if out.critic_inputs is None else out.critic_inputs[:, : P + T - 1]  # (B, P+T-1, H)

@@ -33,9 +33,11 @@ def layers(lm: nn.Module) -> nn.ModuleList:
 
 
 def lora_linear(module: nn.Module, x: torch.Tensor, groups: Groups) -> torch.Tensor:
-    """y = x W^T + b, plus scaling * (x A^T) B^T on each group's rows with that group's adapter."""
+    """y = x W^T + b, plus scaling * (x A^T) B^T on each group's rows with that group's adapter. A base layer that
+    is not a plain nn.Linear (bitsandbytes' Linear4bit / Linear8bitLt) runs its own forward: its kernel
+    dequantizes the weight it stores."""
     base = getattr(module, "base_layer", module)
-    y = F.linear(x, base.weight, base.bias)
+    y = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
     for rows, name in groups:
         if name is not None and name in getattr(module, "lora_A", {}):
             A, B = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
