@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from pefrl.arch import disable_dropout, resolve_target_modules, stores_transposed
 from pefrl.config import LoraConfig, ModelConfig
@@ -66,6 +68,8 @@ def load_base(model_cfg: ModelConfig) -> PreTrainedModel:
     """The frozen base as training uses it: model.dtype, quantized per model.quantization, dropout off."""
     quant = quantization_config(model_cfg)
     kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
+    if not sys.stderr.isatty():  # a log file: transformers' "Loading weights" bar would interleave carriage returns
+        hf_logging.disable_progress_bar()
     base = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_cfg),
         dtype=DTYPES[model_cfg.dtype],
