@@ -198,3 +198,30 @@ def test_keep_best_and_eval_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="eval.num_samples must be >= 0"):
         load_config(None, ["eval.num_samples=-1"])
     assert load_config(None, ["train.keep_best=eval_pass@4", "train.eval_every=1", "eval.num_samples=4"])
+
+
+@pytest.mark.slow  # launches two processes (~30 s on 2 cores)
+def test_two_ranks_evaluate_their_shards_and_reduce_to_the_one_rank_numbers(tmp_path):
+    """7 held-out prompts over 2 ranks (4 + 3): every metric is over all 7, as on one rank (the evaluation before
+    training: identical adapters; known_fraction makes pass@k independent of what was sampled)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["train", "recipes/configs/arithmetic_ppo.yaml", *TINY, "data.eval_size=7", "train.steps=1",
+            f"eval.num_samples={K}", "reward.functions=[tests.test_evaluation:known_fraction]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    summaries = []
+    for ranks, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        launch = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(repo / "recipes" / "accelerate" / "ddp_cpu_2ranks.yaml"), "-m", "pefrl.cli"] if ranks == 2
+                  else [sys.executable, "-m", "pefrl.cli"])
+        res = subprocess.run([*launch, *args, f"output_dir={out}"], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        summaries.append(json.loads((out / "summary.json").read_text())["eval_before_metrics"])
+    one, two = summaries
+    assert one.keys() == two.keys() and {f"eval_pass@{K}", f"eval_mean@{K}", "eval_reward/known_fraction"} <= set(one)
+    for key in one:
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
