@@ -80,15 +80,17 @@ def train(config: str | Path | Mapping[str, Any] | Config, rewards: Sequence[Rew
 
 
 def evaluate(run_dir: str | Path, rewards: Sequence[RewardLike] = (), data: str | None = None,
-             adapter: str = "final", size: int | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """`pefrl eval` from Python: mean reward of the run's greedy completions on `data` (default: the run's
-    data.eval_prompts) -> {"reward_mean", "n", "adapter", "data"}. rewards: callables (or 'module:fn' strings)
+             adapter: str = "final", size: int | None = None, overrides: Sequence[str] = (),
+             num_samples: int | None = None) -> dict[str, Any]:
+    """`pefrl eval` from Python: the run's evaluation on `data` (default: the run's data.eval_prompts) ->
+    {"reward_mean" (greedy), "reward/<function>", ..., "n", "adapter", "data"}, plus "pass@1", "pass@k", "mean@k"
+    with num_samples k (default: the run's eval.num_samples). rewards: callables (or 'module:fn' strings)
     that replace the run's reward functions of the same name; a run trained with a callable that cannot be
     re-imported (defined in __main__, a lambda) needs it here."""
     from pefrl.commands.eval import evaluate_run
 
     rewards = [rewards] if callable(rewards) or isinstance(rewards, str) else list(rewards)
-    return evaluate_run(run_dir, data, adapter, size, tuple(overrides), rewards)
+    return evaluate_run(run_dir, data, adapter, size, tuple(overrides), rewards, num_samples)
 
 
 def prompt_rows(prompts: Any, prompt_field: str = "prompt") -> list[dict[str, Any]] | Iterator[dict[str, Any]] | None:

@@ -14,6 +14,11 @@ which is never picked as latest and is removed by the next save; older checkpoin
 one is in place (keep-last-N). Re-saving an existing step (after resuming an older checkpoint) swaps the two
 directories in one step (Linux renameat2 RENAME_EXCHANGE), and deletes the old one only then.
 
+Best: with train.keep_best, `output_dir/best/` holds the adapters of the best evaluation so far and best.json
+({"metric", "value", "step"}); written like a checkpoint (`.tmp-best`, fsync, one atomic swap), so a crash keeps
+the previous best. trainer_state.json carries the best so far, so a resume compares against the best of the run it
+continues (not a later, abandoned one's). keep-last-N deletes only checkpoint-<step>/ directories, never best/.
+
 Ownership: trainer_state.json records the run id of `output_dir/pefrl_run.json` (pefrl.rundir writes it when a
 run starts). keep-last-N deletes only checkpoints carrying this run's id: another tool's (or an older pefrl's)
 `checkpoint-N/` is never touched.
@@ -31,12 +36,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
 import random
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +60,7 @@ STATE_FILE, OPTIMIZER_FILE, ADAPTERS_DIR = "trainer_state.json", "optimizer.safe
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOW_PICKLE_ENV = "PEFRL_ALLOW_PICKLE"
 RUN_FILE = "pefrl_run.json"  # {"run_id": ...}: which run owns output_dir (pefrl.rundir)
+BEST_DIR, BEST_FILE, BEST_TMP = "best", "best.json", ".tmp-best"
 
 
 @dataclass
@@ -67,6 +74,7 @@ class TrainState:
     kl_ctl: Any
     algo_state: dict[str, Any]
     stream: Any
+    best: dict[str, Any] = field(default_factory=dict)  # train.keep_best's best so far: {metric, value, step}
 
 
 class CheckpointError(PefrlError, RuntimeError):
@@ -203,6 +211,7 @@ def save_checkpoint(run: TrainState, acc: Any, output_dir: str | Path, step: int
             "kl_controller": run.kl_ctl.state_dict(),
             "algo_state": _jsonable(run.algo_state, "algo_state"),
             "stream": run.stream.state_dict(),
+            "best": _jsonable(run.best, "best"),
         }
         _write_json(tmp / STATE_FILE, state)
     acc.wait_for_everyone()
@@ -214,6 +223,40 @@ def save_checkpoint(run: TrainState, acc: Any, output_dir: str | Path, step: int
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
+
+
+def best_metric(metrics: dict[str, float], metric: str) -> float:
+    """metrics[metric], or a CheckpointError naming the evaluation metrics there are (train.keep_best misspelt)."""
+    if metric not in metrics:
+        raise CheckpointError(f"train.keep_best={metric} is not an evaluation metric of this run; it logs "
+                              f"{sorted(k for k in metrics if k.startswith('eval_'))}")
+    return metrics[metric]
+
+
+def keep_best(models: Models, acc: Any, output_dir: str | Path, best: dict[str, Any], metric: str,
+              metrics: dict[str, float], step: int) -> bool:
+    """train.keep_best: when metrics[metric] beats `best` (the best so far, {metric, value, step}; empty or another
+    metric's: none yet), write the adapters to output_dir/best/ atomically with best.json and update `best` in
+    place. Higher is better; a nan never is. Collective (acc the Accelerator): every rank decides alike, since
+    evaluation metrics are reduced over ranks, and rank 0 writes. -> whether best/ was replaced."""
+    value = best_metric(metrics, metric)
+    if not value > (best["value"] if best.get("metric") == metric else -math.inf):
+        return False
+    best.clear()
+    best.update(metric=metric, value=value, step=step)
+    root = Path(output_dir)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp = root / BEST_TMP
+        for stale in root.glob(f"{BEST_TMP}*"):  # leftovers of a save that crashed
+            shutil.rmtree(stale)
+        save_adapters(models, tmp)
+        _write_json(tmp / BEST_FILE, best)
+        _fsync_tree(tmp)
+        _publish(tmp, root / BEST_DIR)
+        _fsync_dir(root)
+    acc.wait_for_everyone()
+    return True
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -338,6 +381,8 @@ def load_checkpoint(run: TrainState, path: str | Path) -> int:
     run.algo_state.clear()
     run.algo_state.update(state["algo_state"])
     run.stream.load_state_dict(state["stream"])
+    run.best.clear()
+    run.best.update(state.get("best", {}))  # a checkpoint from before keep_best: no best yet
     return int(state["step"])
 
 

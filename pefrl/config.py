@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,6 +310,11 @@ class TrainConfig:
     """Accelerate trackers, e.g. ['tensorboard'] or ['wandb']."""
     max_bad_steps: int = 3
     """Abort after this many consecutive updates with a non-finite loss or gradient (each one is skipped)."""
+    keep_best: str | None = None
+    """Keep the adapters of the best evaluation in output_dir/best/ (with best/best.json naming the step and value):
+    an evaluation metric, higher is better, e.g. eval_reward_mean, eval_pass@4 or eval_reward/<function>. Needs
+    train.eval_every; checkpoints carry the best value so far, so a resume continues the comparison, and
+    keep_last never deletes best/. Empty: off."""
 
     def __post_init__(self):
         _positive("train.steps", self.steps)
@@ -320,9 +326,40 @@ class TrainConfig:
         _positive("train.keep_last", self.keep_last)
         _positive("train.log_every", self.log_every)
         _positive("train.max_bad_steps", self.max_bad_steps)
+        if self.keep_best is not None and not self.keep_best.startswith("eval_"):
+            raise ConfigError(f"train.keep_best must name an evaluation metric (eval_reward_mean, eval_pass@<k>, "
+                              f"eval_mean@<k>, eval_reward/<function>), got {self.keep_best!r}")
         if self.overwrite and self.resume:  # in a YAML next to resume: latest, every restart would wipe the run
             raise ConfigError(f"train.overwrite=true deletes the run that train.resume={self.resume} continues: "
                               "set one of them")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on data.eval_prompts (train.eval_every, before and after training, `pefrl eval`). Greedy
+    completions always give eval_reward_mean and eval_reward/<function>; num_samples adds sampled metrics."""
+
+    num_samples: int = 0
+    """Also sample this many completions per held-out prompt (k) and log eval_pass@1, eval_pass@k (unbiased
+    estimator, Chen et al. 2021) and eval_mean@k (mean reward of the k samples). 0: greedy only. Sampling draws
+    from its own seed (train.seed and the step), so it never changes the training samples."""
+    temperature: float | None = None
+    """Sampling temperature of the k samples. Empty: rollout.temperature (top_p and top_k are the rollout's too;
+    no epsilon-greedy exploration)."""
+    correct_threshold: float = 1.0
+    """A sample counts as correct for pass@k when its reward (the weighted sum) is >= this: 1.0 suits 0/1
+    correctness rewards, also with a small format bonus added; set it for other scales."""
+
+    def __post_init__(self):
+        if self.num_samples < 0:
+            raise ConfigError(f"eval.num_samples must be >= 0, got {self.num_samples}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"eval.temperature must be > 0, got {self.temperature}")
+
+    def sample_keys(self) -> list[str]:
+        """The sampled metrics' names (without the eval_ prefix): pass@1, pass@k, mean@k; [] when k is 0."""
+        k = self.num_samples
+        return [] if not k else sorted({"pass@1", f"pass@{k}"}) + [f"mean@{k}"]
 
 
 ALGOS = ("ppo", "a2c", "reinforce", "rloo", "grpo", "reinforce_pp", "trpo")
@@ -342,6 +379,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         _choice("algo", self.algo, ALGOS)
@@ -354,6 +392,15 @@ class Config:
                 f"rl.minibatch_size ({self.rl.minibatch_size}) must divide rollout.batch_size * "
                 f"rollout.num_samples ({n})"
             )
+        best = self.train.keep_best
+        if best is not None:
+            if not self.train.eval_every or not self.data.eval_prompts:
+                raise ConfigError(f"train.keep_best={best} needs train.eval_every > 0 and data.eval_prompts (the "
+                                  "evaluations it compares)")
+            sampled = re.fullmatch(r"eval_(pass|mean)@\d+", best)
+            if sampled and best[len("eval_"):] not in self.eval.sample_keys():
+                raise ConfigError(f"train.keep_best={best} is not logged with eval.num_samples="
+                                  f"{self.eval.num_samples}; it logs {['eval_' + k for k in self.eval.sample_keys()]}")
         if self.algo in ("rloo", "grpo") and self.rollout.num_samples < 2:
             raise ConfigError(f"algo {self.algo} needs rollout.num_samples >= 2 (a group baseline), got 1")
 

@@ -1,8 +1,10 @@
 """Completions for rows (stage 2 of a step, and evaluation) and the held-out evaluation itself.
 
 `play` turns rows into a rollout: prompts through the chat template and `rollout.generate`, or whole episodes
-when env.name is set. `evaluate` is the mean reward of greedy completions on held-out rows, used by the trainer
-before, during and after training and by `pefrl eval`.
+when env.name is set. `evaluate` scores held-out rows: greedy completions (mean reward, per
+reward function) and, with eval.num_samples k, pass@k and mean@k over k samples each. It is the one evaluation:
+the trainer's before, during and after training, `pefrl eval` and `pefrl.evaluate` all call it, and it needs
+no trainer (models, tokenizer, rows, config, scorer), so it can score any adapters.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pefrl.data import format_prompt, load_rows
 from pefrl.envs import eval_rows as env_eval_rows
 from pefrl.envs import play_rows
 from pefrl.models import Models
-from pefrl.rewards import Scorer
+from pefrl.ops.eval_stats import mean_at_k, pass_at_k
+from pefrl.rewards import Scorer, reduce_stats
 from pefrl.rollout import Rollout, generate
 from pefrl.scoring import sampler_requests
 
@@ -49,19 +52,71 @@ def eval_rows(cfg: Config) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def evaluate(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, scorer: Scorer,
-             accelerator=None) -> float:
-    """Mean reward of greedy completions on held-out rows (each rank scores its shard; accelerator None: one
-    process)."""
+             accelerator=None, step: int = 0) -> dict[str, float]:
+    """Evaluation on held-out rows, every rank scoring its shard (accelerator None: one process); a collective.
+
+    -> {"reward_mean": mean reward of greedy completions, "reward/<name>": each reward function's mean on them,
+    "reward_failures", "reward_batch_retries": the Scorer's counts}; with eval.num_samples k > 0 also
+    "pass@1", "pass@k" (unbiased estimator over the k samples of each prompt, a sample correct when its reward
+    >= eval.correct_threshold) and "mean@k" (mean reward of the k samples), averaged over prompts.
+    The k samples draw from a generator seeded by train.seed, `step` and the rank, inside a forked RNG: the
+    caller's RNG moves exactly as with k = 0 (greedy decoding draws from it, as it always has).
+    """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    greedy = dataclasses.replace(cfg.rollout, top_k=1, epsilon=0.0)  # top-k 1 sampling is greedy decoding
     my_rows = rows[rank::world]
-    total = torch.zeros(2)
+    reduce_sum = (lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()) if world > 1 else (lambda t: t)
+    greedy = dataclasses.replace(cfg.rollout, top_k=1, epsilon=0.0)  # top-k 1 sampling is greedy decoding
+    scores, stats = _complete_and_score(models, tokenizer, my_rows, cfg, greedy, scorer)
+    total = torch.zeros(2)  # float32 sums batch by batch, as evaluations always summed: the same numbers as before
+    for batch in scores.split(cfg.rollout.num_sequences):
+        total += torch.tensor([batch.sum().item(), len(batch)])
+    total = reduce_sum(total)
+    metrics = {"reward_mean": (total[0] / total[1].clamp(min=1)).item(), **reduce_stats(stats, len(scores), reduce_sum)}
+    k = cfg.eval.num_samples
+    if k:
+        metrics |= _sampled_metrics(models, tokenizer, my_rows, cfg, scorer, reduce_sum, _eval_seed(cfg, step, rank))
+    return metrics
+
+
+def _complete_and_score(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config,
+                        rollout_cfg: RolloutConfig, scorer: Scorer) -> tuple[torch.Tensor, dict[str, float]]:
+    """Completions of `rows` in batches of rollout.num_sequences, scored in one Scorer call -> (scores (N,), the
+    Scorer's stats over the N)."""
+    texts, completions, columns = [], [], {}
     size = cfg.rollout.num_sequences
-    for i in range(0, len(my_rows), size):
-        chunk = my_rows[i : i + size]
-        texts, rollout, columns = play(models, tokenizer, chunk, cfg, greedy)
-        scores, _ = scorer(texts, rollout.completions, columns)
-        total += torch.tensor([scores.sum().item(), len(chunk)])
-    if accelerator is not None and world > 1:
-        total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
-    return (total[0] / total[1].clamp(min=1)).item()
+    for i in range(0, len(rows), size):
+        chunk_texts, rollout, chunk_columns = play(models, tokenizer, rows[i : i + size], cfg, rollout_cfg)
+        texts += chunk_texts
+        completions += rollout.completions
+        for key, values in chunk_columns.items():
+            columns.setdefault(key, []).extend(values)
+    return scorer(texts, completions, columns)  # no rows: empty lists, so every rank's stats have the same keys
+
+
+def _eval_seed(cfg: Config, step: int, rank: int) -> int:
+    """The sampled evaluation's seed: its own stream per (train.seed, step, rank), never the training RNG's."""
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(
+        (cfg.train.seed * 1_000_003 + step) * 4099 + rank)))
+
+
+def _sampled_metrics(models: Models, tokenizer, rows: list[dict[str, Any]], cfg: Config, scorer: Scorer,
+                     reduce_sum, seed: int) -> dict[str, float]:
+    """pass@1, pass@k and mean@k over k = eval.num_samples samples per row, averaged over every rank's rows."""
+    k = cfg.eval.num_samples
+    sampling = dataclasses.replace(cfg.rollout, temperature=cfg.eval.temperature or cfg.rollout.temperature,
+                                   epsilon=0.0)
+    repeated = [row for row in rows for _ in range(k)]  # rows k*i..k*i+k-1 are row i's samples
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # the training RNG is left where it was
+        torch.manual_seed(seed)
+        scores, _ = _complete_and_score(models, tokenizer, repeated, cfg, sampling, scorer)
+    scores = scores.view(len(rows), k)  # (P, k)
+    correct = (scores >= cfg.eval.correct_threshold).sum(-1)  # (P,)
+    names = cfg.eval.sample_keys()  # pass@1, pass@k, mean@k
+    # pass_at_k needs a problem to take a max over: a rank without rows adds 0 to every sum
+    per_prompt = [pass_at_k(k, correct, int(name[len("pass@"):])) if len(rows) else correct.double()
+                  for name in names if name.startswith("pass@")]
+    per_prompt.append(mean_at_k(scores))
+    sums = torch.stack([p.sum() for p in per_prompt] + [torch.tensor(len(rows), dtype=torch.float64)])  # (M + 1,)
+    sums = reduce_sum(sums)
+    return {name: (sums[j] / sums[-1].clamp(min=1)).item() for j, name in enumerate(names)}

@@ -1,9 +1,9 @@
 """The run directory: whether a config may start or continue a run in output_dir, and which files are the run's.
 
-A pefrl run in output_dir is any of: metrics.jsonl, samples.jsonl, config.yaml, summary.json, final/,
+A pefrl run in output_dir is any of: metrics.jsonl, samples.jsonl, config.yaml, summary.json, final/, best/,
 pefrl_run.json (the run id), checkpoint-<step>/ written by pefrl (`checkpoint.written_by_pefrl`) and
-.tmp-checkpoint-* leftovers. Everything else there (another tool's checkpoint-N/, your notes) is not the run's
-and is never deleted.
+.tmp-checkpoint-* / .tmp-best* leftovers. Everything else there (another tool's checkpoint-N/, your notes) is not
+the run's and is never deleted.
 
 | output_dir            | train.resume: empty  | latest                                  | PATH                      |
 |-----------------------|----------------------|-----------------------------------------|---------------------------|
@@ -30,13 +30,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pefrl.checkpoint import PREFIX, RUN_FILE, TMP_PREFIX, list_checkpoints, resolve_resume, run_id, written_by_pefrl
+from pefrl.checkpoint import BEST_DIR, BEST_TMP, PREFIX, RUN_FILE, TMP_PREFIX, list_checkpoints, resolve_resume, run_id, written_by_pefrl
 from pefrl.config import Config, ConfigError
 from pefrl.config_loader import load_config, save_config
 from pefrl.metrics import atomic_write_text
 from pefrl.saved import saved_form
 
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "summary.json", "final", RUN_FILE)
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "summary.json", "final", BEST_DIR, RUN_FILE)
 
 # Fields a resume may change: each is read afresh every step and touches only how long the run goes, what it
 # logs, evaluates or saves, or where it writes; none is part of the state a checkpoint restores, and none
@@ -46,6 +46,8 @@ RESUME_SAFE_FIELDS = frozenset({
     "train.steps", "train.resume", "train.overwrite", "train.max_bad_steps",
     "train.log_every", "train.samples_every", "train.trackers",  # logging
     "train.eval_every", "data.eval_size", "data.eval_prompts",  # evaluation
+    "eval.num_samples", "eval.temperature", "eval.correct_threshold",
+    "train.keep_best",  # another metric starts a new best; the checkpoint's best is compared only with its own
     "train.save_every", "train.keep_last",  # saving
 })
 
@@ -61,7 +63,7 @@ def run_files(output_dir: str | Path) -> list[str]:
         return []
     found = [name for name in RUN_FILES if (root / name).exists()]
     found += [p.name for p in list_checkpoints(root) if written_by_pefrl(p)]
-    return found + sorted(p.name for p in root.glob(f"{TMP_PREFIX}*"))
+    return found + sorted(p.name for pattern in (TMP_PREFIX, BEST_TMP) for p in root.glob(f"{pattern}*"))
 
 
 def resolve_run(cfg: Config) -> Path | None:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pefrl.adapters_io import save_adapters
 from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm
 from pefrl.arch import context_length
-from pefrl.checkpoint import TrainState, load_checkpoint, restore_rng, save_checkpoint
+from pefrl.checkpoint import TrainState, best_metric, keep_best, load_checkpoint, restore_rng, save_checkpoint
 from pefrl.config import Config
 from pefrl.data import PromptStream, check_prompt_lengths, load_rows
 from pefrl.distributed import RankGuard, check_supported
@@ -72,6 +72,7 @@ class Run:
     algo_state: dict[str, float] = field(default_factory=dict)
     start_step: int = 0
     resumed_from: Path | None = None
+    best: dict[str, Any] = field(default_factory=dict)  # train.keep_best's best evaluation so far (checkpointed)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -88,7 +89,7 @@ class Run:
     def train_state(self) -> TrainState:
         """What a checkpoint saves and restores (the same objects, so loading one restores this run)."""
         return TrainState(models=self.models, optimizer=self.optimizer, scheduler=self.scheduler,
-                          kl_ctl=self.kl_ctl, algo_state=self.algo_state, stream=self.stream)
+                          kl_ctl=self.kl_ctl, algo_state=self.algo_state, stream=self.stream, best=self.best)
 
 
 def setup(
@@ -206,7 +207,7 @@ def train(
                              {**targets.stats, **train_stats, **getattr(rollout, "stats", {})})
         kl_ctl.update(record["kl"], cfg.rollout.num_sequences * world)  # adaptive controller (Ziegler et al. 2019)
         if held_out and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            record["eval_reward_mean"] = evaluate(models, tokenizer, held_out, cfg, scorer, accelerator)
+            record.update(evaluation(run, step + 1, keep=True))  # eval_reward_mean, ...; best/ (train.keep_best)
         record.update(step_timing(timer, t0, cpu0, batch.response_mask, accelerator))
         writer.write(record)
         if cfg.train.trackers:
@@ -237,8 +238,11 @@ def before_training(run: Run) -> tuple[MetricsWriter, dict[str, Any]]:
         accelerator.init_trackers("pefrl", config=_flat(cfg.to_dict()))
     summary: dict[str, Any] = {"algo": cfg.algo, "steps": 0}
     if run.eval_rows:
-        summary["eval_before"] = evaluate(run.models, run.tokenizer, run.eval_rows, cfg, run.scorer, accelerator)
-        accelerator.print(f"eval before training: {summary['eval_before']:.3f}")
+        metrics = evaluation(run, run.start_step)
+        if cfg.train.keep_best:
+            best_metric(metrics, cfg.train.keep_best)  # a misspelt metric stops here, not at the first evaluation
+        summary["eval_before"], summary["eval_before_metrics"] = metrics["eval_reward_mean"], metrics
+        accelerator.print(f"eval before training: {_eval_line(metrics)}")
     return writer, summary
 
 
@@ -246,8 +250,13 @@ def after_training(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
     """After the last step: the evaluation after training, then rank 0 writes final/ and summary.json."""
     cfg, accelerator = run.cfg, run.accelerator
     if run.eval_rows:
-        summary["eval_after"] = evaluate(run.models, run.tokenizer, run.eval_rows, cfg, run.scorer, accelerator)
-        accelerator.print(f"eval after training: {summary['eval_after']:.3f}")
+        metrics = evaluation(run, summary["steps"])
+        summary["eval_after"], summary["eval_after_metrics"] = metrics["eval_reward_mean"], metrics
+        accelerator.print(f"eval after training: {_eval_line(metrics)}")
+    if run.best:
+        summary["best"] = dict(run.best)
+        accelerator.print(f"best {run.best['metric']} {run.best['value']:.3f} at step {run.best['step']}: "
+                          f"{Path(cfg.output_dir) / 'best'}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_adapters(run.models, Path(cfg.output_dir) / "final")
@@ -255,6 +264,24 @@ def after_training(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
     accelerator.end_training()
     run.scorer.close()  # reward worker processes, if any (on an error they go when the Scorer is collected or at exit)
     return summary
+
+
+def evaluation(run: Run, step: int, keep: bool = False) -> dict[str, float]:
+    """The held-out evaluation (evaluate.evaluate) after `step` steps, as metrics.jsonl fields: eval_reward_mean,
+    eval_reward/<function>, eval_pass@k, ... keep: also let train.keep_best keep these adapters in best/ when
+    they are the best so far. A collective."""
+    cfg = run.cfg
+    metrics = evaluate(run.models, run.tokenizer, run.eval_rows, cfg, run.scorer, run.accelerator, step)
+    metrics = {f"eval_{k}": v for k, v in metrics.items()}
+    if keep and cfg.train.keep_best:
+        keep_best(run.models, run.accelerator, cfg.output_dir, run.best, cfg.train.keep_best, metrics, step)
+    return metrics
+
+
+def _eval_line(metrics: dict[str, float]) -> str:
+    """'0.412' (greedy), then any sampled metric: '0.412 (pass@1 0.380, pass@4 0.700, mean@4 0.380)'."""
+    sampled = [f"{k[len('eval_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith(("eval_pass@", "eval_mean@"))]
+    return f"{metrics['eval_reward_mean']:.3f}" + (f" ({', '.join(sampled)})" if sampled else "")
 
 
 def _show(bar: tqdm, record: dict[str, Any], cfg: Config, progress: bool) -> None:

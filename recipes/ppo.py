@@ -28,10 +28,10 @@ from _launch import parse_config  # noqa: E402
 
 from pefrl.checkpoint import restore_rng, save_checkpoint  # noqa: E402
 from pefrl.distributed import RankGuard  # noqa: E402
-from pefrl.evaluate import evaluate, play  # noqa: E402
+from pefrl.evaluate import play  # noqa: E402
 from pefrl.metrics import Timer, progress_line  # noqa: E402
 from pefrl.scoring import score_rollout  # noqa: E402
-from pefrl.trainer import after_training, before_training, setup, step_record, step_timing  # noqa: E402
+from pefrl.trainer import after_training, before_training, evaluation, setup, step_record, step_timing  # noqa: E402
 from pefrl.update import update  # noqa: E402
 
 # Your own reward functions, (name, fn(prompts, completions, **columns) -> list[float]); added to the config's.
@@ -97,7 +97,9 @@ def main(algo: str = "ppo") -> dict:
                              {**targets.stats, **train_stats, **getattr(rollout, "stats", {})})
         run.kl_ctl.update(record["kl"], cfg.rollout.num_sequences * world)  # adaptive: Ziegler et al. 2019
         if run.eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            record["eval_reward_mean"] = evaluate(models, tokenizer, run.eval_rows, cfg, scorer, accelerator)
+            # greedy eval_reward_mean, eval_reward/<function>, eval_pass@k (eval.num_samples); keep=True: the
+            # adapters go to best/ when train.keep_best's metric is the best so far
+            record.update(evaluation(run, step + 1, keep=True))
         record.update(step_timing(timer, t0, cpu0, batch.response_mask, accelerator))
         writer.write(record)
         if cfg.train.trackers:

@@ -145,7 +145,7 @@ def test_eval_loads_the_runs_adapters(tmp_path, capsys):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     save_adapters(models, run_dir / "final")
     rows = load_rows("builtin:arithmetic-eval")[:8]
-    expected = evaluate(models, load_tokenizer(cfg.model), rows, cfg, build_scorer(cfg.reward))
+    expected = evaluate(models, load_tokenizer(cfg.model), rows, cfg, build_scorer(cfg.reward))["reward_mean"]
 
     result = evaluate_run(run_dir, size=8)
     assert result["n"] == 8 and result["data"] == "builtin:arithmetic-eval"

@@ -1,9 +1,11 @@
-"""`pefrl eval RUN_DIR [--data PROMPTS] [--adapter final] [--size N] [dotted.key=value ...]`.
+"""`pefrl eval RUN_DIR [--data PROMPTS] [--adapter final] [--size N] [--num-samples K] [dotted.key=value ...]`.
 
 Scores a trained policy on held-out prompts (or, for an env.name run, held-out games): loads RUN_DIR/config.yaml (the resolved config the run wrote),
 the base once, the adapters from RUN_DIR/<adapter> (`final`, a checkpoint directory, or `none` for the base
-itself, i.e. the reference), generates greedy completions and scores them with the run's reward config.
-Prints one JSON object: {"reward_mean", "n", "adapter", "data"}.
+itself, i.e. the reference; `best` for train.keep_best's), and runs the training-time evaluation
+(evaluate.evaluate) with the run's reward config. Prints one JSON object: {"reward_mean" (greedy),
+"reward/<function>", "reward_failures", "reward_batch_retries", with --num-samples K (or eval.num_samples) also
+"pass@1", "pass@K", "mean@K"; then "n", "adapter", "data"}: the eval_* fields of the run's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def adapter_dir(run_dir: Path, adapter: str) -> Path | None:
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "final", size: int | None = None,
-                 overrides: list[str] | tuple[str, ...] = (), rewards: list | tuple = ()) -> dict[str, Any]:
-    """Mean reward of greedy completions of the run's policy on `data` (default: the run's data.eval_prompts).
+                 overrides: list[str] | tuple[str, ...] = (), rewards: list | tuple = (),
+                 num_samples: int | None = None) -> dict[str, Any]:
+    """The run's evaluation of its policy on `data` (default: the run's data.eval_prompts): greedy mean reward, per
+    reward function, and with num_samples k (default: the run's eval.num_samples) pass@1, pass@k and mean@k.
     rewards: callables or 'module:fn' specs, each replacing the run's reward function of the same name
     (rewards.supply_rewards): how a run trained with callables that cannot be re-imported is scored."""
     from pefrl.config_loader import load_config
@@ -51,7 +55,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise PathError(f"{config_path} does not exist: is {run_dir} a pefrl run directory?")
-    cfg = load_config(config_path, overrides)
+    extra = [] if num_samples is None else [f"eval.num_samples={num_samples}"]
+    cfg = load_config(config_path, [*overrides, *extra])
     if cfg.env.name:  # an environment run: held-out games, not prompts
         if data:
             raise ValueError(f"the run plays {cfg.env.name}; --data does not apply (use --size for the game count)")
@@ -76,12 +81,13 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     if weights is not None:
         load_adapters(models, weights)
     models.model.eval()
-    reward_mean = evaluate(models, tokenizer, rows, cfg, scorer)
-    return {"reward_mean": reward_mean, "n": len(rows), "adapter": adapter, "data": source}
+    metrics = evaluate(models, tokenizer, rows, cfg, scorer)
+    return {**metrics, "n": len(rows), "adapter": adapter, "data": source}
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_run(args.run_dir, args.data, args.adapter, args.size, args.overrides, args.reward)
+    result = evaluate_run(args.run_dir, args.data, args.adapter, args.size, args.overrides, args.reward,
+                          args.num_samples)
     print(json.dumps(result))
     return 0
 
@@ -89,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("eval", help="score a trained policy on held-out prompts",
                        description="Greedy completions of RUN_DIR's policy on held-out prompts, scored with the "
-                                   "run's reward config; prints JSON {reward_mean, n, adapter, data}. "
+                                   "run's reward config; prints JSON {reward_mean, reward/<function>, ..., n, "
+                                   "adapter, data}, and pass@1, pass@K, mean@K with --num-samples K. "
                                    "Example: pefrl eval runs/arithmetic_ppo --data builtin:arithmetic-eval "
                                    "--size 200")
     p.add_argument("run_dir", help="a run's output_dir (holds config.yaml and final/)")
@@ -98,7 +105,11 @@ def register(sub) -> None:
                         "default: the run's data.eval_prompts")
     p.add_argument("--adapter", default="final",
                    help="subdirectory of RUN_DIR (final, checkpoint-<step>) or a path holding the adapters; "
-                        "'none': the base model")
+                        "'none': the base model; 'best': train.keep_best's")
+    p.add_argument("--num-samples", type=int, default=None, metavar="K",
+                   help="also sample K completions per prompt (eval.temperature, default the rollout's) and "
+                        "report pass@1, pass@K and mean@K; a sample is correct when its reward >= "
+                        "eval.correct_threshold (1.0). Default: the run's eval.num_samples")
     p.add_argument("--size", type=int, default=None, help="score only the first N prompts")
     p.add_argument("--reward", action="append", default=[], metavar="SPEC",
                    help="a reward function, file.py:fn or package.module:fn, replacing the run's reward of the same "
