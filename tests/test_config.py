@@ -185,6 +185,9 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
              ("reward_model", ["rl.minibatch_size=4", "train.save_every=1", *sampled_eval])]
     for i, (name, extra) in enumerate(runs):
         train(load_config(REPO / "recipes" / "configs" / f"{name}.yaml", [f"output_dir={tmp_path / str(i)}", *small, *extra]))
+    # a fresh run into the first run's directory: train.overwrite is read only where output_dir holds a run
+    train(load_config(REPO / "recipes" / "configs" / f"{runs[0][0]}.yaml",
+                      [f"output_dir={tmp_path / '0'}", "train.overwrite=true", *small, *runs[0][1]]))
     quantization_config(load_config(None, ["model.quantization=4bit"]).model)
     every = {f"{cls.__name__}.{f.name}" for cls in _config_sections() for f in dataclasses.fields(cls)}
     assert not sorted(every - reads), f"config fields never read outside config.py: {sorted(every - reads)}"
