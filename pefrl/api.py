@@ -64,8 +64,9 @@ def train(config: str | Path | Mapping[str, Any] | Config, rewards: Sequence[Rew
 
     config: a Config, a YAML path or a dict (load_config). rewards: callables `fn(prompts, completions,
     **columns) -> list[float]` (or 'module:fn' strings) added to reward.functions with weight 1, each logged as
-    `reward/<name>`. prompts: rows instead of data.prompts: dicts holding data.prompt_field (other keys reach the
-    rewards as columns), plain strings (-> {prompt_field: s}), or a `datasets.Dataset`. A list or a Dataset is
+    `reward/<name>`. prompts: rows instead of data.prompts: dicts holding data.prompt_field, a string or a list of
+    {role, content} messages, or the columns data.prompt_template names (other keys reach the rewards as
+    columns), plain strings (-> {prompt_field: s}), or a `datasets.Dataset`. A list or a Dataset is
     reshuffled each pass like a file; any other iterable is read once, in order, and the run ends when it does."""
     from pefrl.trainer import train as run_training
 
@@ -108,9 +109,10 @@ def prompt_rows(prompts: Any, prompt_field: str = "prompt") -> list[dict[str, An
 
 
 def _row(row: Any, index: int, prompt_field: str) -> dict[str, Any]:
+    """A row as a dict; its prompt is checked as it is drawn (data.check_prompts), as a file's rows are."""
     if isinstance(row, str):
         return {prompt_field: row}
-    if not isinstance(row, Mapping) or not isinstance(row.get(prompt_field), str):
-        raise DataError(f"prompts: row {index} must be a string or a dict with a string {prompt_field!r} "
-                        f"(data.prompt_field), got {row!r}")
+    if not isinstance(row, Mapping):
+        raise DataError(f"prompts: row {index} must be a string or a dict of columns, got a {type(row).__name__}: "
+                        f"{str(row)[:60]!r}")
     return dict(row)

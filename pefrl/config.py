@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,14 +94,27 @@ class DataConfig:
     """Column holding the prompt text. Every other column is passed to reward functions by name."""
     split: str = "train"
     """Split to read when `prompts` is a datasets name or a DatasetDict."""
-    eval_prompts: str | None = "builtin:arithmetic-eval"
-    """Held-out prompts for evaluation, same forms as `prompts`. Empty: no evaluation."""
+    eval_prompts: str | None = "auto"
+    """Held-out prompts for evaluation, same forms as `prompts`. 'auto': the builtin's own eval set when
+    `prompts` is a builtin ('builtin:X' -> 'builtin:X-eval'), else none. Empty: no evaluation."""
+    eval_holdout: int = 0
+    """Hold out this many rows of `prompts` for evaluation instead (drawn by train.seed, never trained on).
+    Needs a finite source: not an online iterable, an environment, or an explicit eval_prompts."""
     eval_size: int = 256
     """How many held-out prompts an evaluation scores (the first N)."""
     max_prompt_length: int = 256
     """Prompts longer than this many tokens are an error (named by index), never silently cut."""
     chat_template: str = "auto"
-    """'auto': apply the tokenizer's chat template when it has one; 'on' requires one; 'off' uses raw text."""
+    """'auto': apply the tokenizer's chat template when it has one; 'on' requires one; 'off' uses raw text. A
+    prompt of chat messages always needs one."""
+    system_prompt: str | None = None
+    """Prepended as a system message to every prompt, string or messages (needs a chat template)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of tokenizer.apply_chat_template, e.g. {enable_thinking: false}."""
+    prompt_template: str | None = None
+    """A format string over each row's columns that makes its prompt, e.g. 'Question: {question}' (then
+    `prompt_field` need not exist). Empty: the prompt is `prompt_field`, a string or a list of
+    {role, content} messages."""
     shuffle: bool = True
     """Shuffle prompts each pass over the data (seeded by train.seed)."""
 
@@ -108,6 +122,30 @@ class DataConfig:
         _choice("data.chat_template", self.chat_template, ("auto", "on", "off"))
         _positive("data.max_prompt_length", self.max_prompt_length)
         _positive("data.eval_size", self.eval_size)
+        if self.eval_holdout < 0:
+            raise ConfigError(f"data.eval_holdout must be >= 0, got {self.eval_holdout}")
+        if self.eval_holdout and self.eval_prompts not in (None, "", "auto"):
+            raise ConfigError(f"data.eval_holdout ({self.eval_holdout}) and data.eval_prompts "
+                              f"({self.eval_prompts}) both name the evaluation rows: set one of them")
+        if self.chat_template == "off":
+            for name in ("system_prompt", "chat_template_kwargs"):
+                if getattr(self, name):
+                    raise ConfigError(f"data.{name} needs a chat template, but data.chat_template is 'off'")
+        if self.prompt_template is not None:
+            try:
+                list(string.Formatter().parse(self.prompt_template))
+            except ValueError as e:
+                raise ConfigError(f"data.prompt_template {self.prompt_template!r} is not a format string: {e}"
+                                  ) from None
+
+    @property
+    def eval_source(self) -> str | None:
+        """The evaluation prompt source eval_prompts names ('auto' resolved; None with eval_holdout)."""
+        if self.eval_holdout or not self.eval_prompts:
+            return None
+        if self.eval_prompts != "auto":
+            return self.eval_prompts
+        return f"{self.prompts}-eval" if self.prompts.startswith("builtin:") else None
 
 
 @dataclass
@@ -203,8 +241,9 @@ class RLConfig:
 
     epochs: int = 2
     """Passes over each rollout batch (ratio-based algorithms; a2c and reinforce always do one)."""
-    minibatch_size: int = 16
-    """Sequences per optimizer step on each process; must divide rollout.num_sequences."""
+    minibatch_size: int | None = None
+    """Sequences per optimizer step on each process; must divide rollout.num_sequences. Empty: the whole
+    rollout, one optimizer step per epoch (TRL's num_mini_batches=1)."""
     grad_accum_steps: int = 1
     """Micro-batches per minibatch: minibatch_size is split into this many forward/backward passes."""
     gamma: float = 1.0
@@ -250,13 +289,9 @@ class RLConfig:
 
     def __post_init__(self):
         _positive("rl.epochs", self.epochs)
-        _positive("rl.minibatch_size", self.minibatch_size)
+        if self.minibatch_size is not None:
+            _positive("rl.minibatch_size", self.minibatch_size)
         _positive("rl.grad_accum_steps", self.grad_accum_steps)
-        if self.minibatch_size % self.grad_accum_steps:
-            raise ConfigError(
-                f"rl.minibatch_size ({self.minibatch_size}) must be divisible by rl.grad_accum_steps "
-                f"({self.grad_accum_steps})"
-            )
         _in_range("rl.gamma", self.gamma, 0.0, 1.0)
         _in_range("rl.lam", self.lam, 0.0, 1.0)
         _choice("rl.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
@@ -269,10 +304,6 @@ class RLConfig:
         _in_range("rl.baseline_decay", self.baseline_decay, 0.0, 1.0)
         if not self.max_kl > 0:
             raise ConfigError(f"rl.max_kl must be > 0, got {self.max_kl}")
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.minibatch_size // self.grad_accum_steps
 
 
 @dataclass
@@ -386,23 +417,36 @@ class Config:
         if not self.output_dir.strip():
             raise ConfigError("output_dir must not be empty (it is where the run writes; e.g. runs/my_run)")
         self.output_dir = os.path.expanduser(self.output_dir)  # `~/runs/x`: the shell expands nothing in YAML
-        n = self.rollout.num_sequences
-        if n % self.rl.minibatch_size:
-            raise ConfigError(
-                f"rl.minibatch_size ({self.rl.minibatch_size}) must divide rollout.batch_size * "
-                f"rollout.num_samples ({n})"
-            )
+        n, mb = self.rollout.num_sequences, self.minibatch_size
+        if n % mb:
+            raise ConfigError(f"rl.minibatch_size ({mb}) must divide rollout.batch_size * rollout.num_samples ({n})")
+        if mb % self.rl.grad_accum_steps:
+            which = "rl.minibatch_size" if self.rl.minibatch_size else "the rollout (rl.minibatch_size empty)"
+            raise ConfigError(f"{which} ({mb}) must be divisible by rl.grad_accum_steps ({self.rl.grad_accum_steps})")
+        if self.data.eval_holdout and self.env.name:
+            raise ConfigError("data.eval_holdout holds out prompt rows, but an environment run reads none "
+                              "(its evaluation plays data.eval_size held-out games)")
         best = self.train.keep_best
         if best is not None:
-            if not self.train.eval_every or not self.data.eval_prompts:
-                raise ConfigError(f"train.keep_best={best} needs train.eval_every > 0 and data.eval_prompts (the "
-                                  "evaluations it compares)")
+            if not self.train.eval_every or not (self.data.eval_source or self.data.eval_holdout):
+                raise ConfigError(f"train.keep_best={best} needs train.eval_every > 0 and evaluation rows "
+                                  "(data.eval_prompts or data.eval_holdout): the evaluations it compares")
             sampled = re.fullmatch(r"eval_(pass|mean)@\d+", best)
             if sampled and best[len("eval_"):] not in self.eval.sample_keys():
                 raise ConfigError(f"train.keep_best={best} is not logged with eval.num_samples="
                                   f"{self.eval.num_samples}; it logs {['eval_' + k for k in self.eval.sample_keys()]}")
         if self.algo in ("rloo", "grpo") and self.rollout.num_samples < 2:
             raise ConfigError(f"algo {self.algo} needs rollout.num_samples >= 2 (a group baseline), got 1")
+
+    @property
+    def minibatch_size(self) -> int:
+        """Sequences per optimizer step on each process: rl.minibatch_size, or the whole rollout when empty."""
+        return self.rl.minibatch_size or self.rollout.num_sequences
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per forward/backward pass: the minibatch split into rl.grad_accum_steps."""
+        return self.minibatch_size // self.rl.grad_accum_steps
 
     @property
     def max_policy_tokens(self) -> int:

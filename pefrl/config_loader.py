@@ -148,6 +148,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # free-form arguments handed on as they are (data.chat_template_kwargs)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{name} must be a mapping of names to values, got {value!r}")
+        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")

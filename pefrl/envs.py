@@ -9,6 +9,10 @@ The interface (a `typing.Protocol`: any class with these two methods fits, no ba
             ...                                         # the policy's turn (decoded, without EOS) ->
             return observation, reward, done            # text appended before the next turn, reward, episode over
 
+Where a chat template applies (data.chat_template, data.system_prompt, data.chat_template_kwargs, as for prompt
+data) the first prompt is a user message and each observation the next user message, each ending in the
+generation prompt; without one they are raw text, as the environment wrote them.
+
 Config: `env.name: pkg.module:Class` and `env.max_turns`. The trainer's prompt rows become environment seeds
 (`seed_rows`); each step it builds one fresh environment per row (`play_rows`), and since rows are repeated
 rollout.num_samples times, a group baseline (rloo, grpo) compares episodes of the same hidden state. The summed
@@ -40,7 +44,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from pefrl.arch import context_length
-from pefrl.config import EnvConfig, RolloutConfig
+from pefrl.config import DataConfig, EnvConfig, RolloutConfig
+from pefrl.data import format_prompt, format_turn
 from pefrl.rollout import Rollout, generate, left_pad
 
 EVAL_SEED_OFFSET = 1_000_000_007
@@ -125,14 +130,17 @@ class _Episode:
 
 @torch.no_grad()
 def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: RolloutConfig, max_turns: int,
-                     generator: torch.Generator | None = None) -> EpisodeRollout:
+                     generator: torch.Generator | None = None, data_cfg: DataConfig | None = None) -> EpisodeRollout:
     """Play one episode per environment, batched over the environments still running at each turn.
 
+    data_cfg: the chat template settings every turn goes through (data.format_prompt for the first prompt,
+    data.format_turn for each observation: a user turn, then the generation prompt). None: raw text.
     An episode whose next turn would not fit in the model's positions (max_position_embeddings) ends there,
     counted in stats['env/cut_by_length']; its rewards so far stand.
     """
     max_positions = _max_positions(models)
     prompts = [env.reset() for env in envs]
+    texts = [format_prompt(tokenizer, p, data_cfg) for p in prompts] if data_cfg else prompts
     episodes: list[_Episode | None] = [None] * len(envs)
     explored = False
     for turn in range(max_turns):
@@ -140,7 +148,7 @@ def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: Ro
         if not active:
             break
         if turn == 0:
-            out = generate(models, tokenizer, prompts, rollout_cfg, generator)
+            out = generate(models, tokenizer, texts, rollout_cfg, generator)
         else:
             contexts = [episodes[i].query + episodes[i].tokens for i in active]
             out = generate(models, tokenizer, [_decode(tokenizer, c) for c in contexts], rollout_cfg, generator,
@@ -163,6 +171,10 @@ def rollout_episodes(models, tokenizer, envs: list[Environment], rollout_cfg: Ro
             ep.reward, ep.turns, ep.done = ep.reward + float(reward), ep.turns + 1, bool(done)
             if done or turn + 1 == max_turns:  # nothing follows the last turn: its observation is unused
                 continue
+            if data_cfg:
+                last = ep.tokens[-1] if n else None  # an end-of-turn token the template would write again
+                after = tokenizer.decode([last]) if last in tokenizer.all_special_ids else ""
+                observation = format_turn(tokenizer, observation, data_cfg, after)
             obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
             if len(ep.query) + len(ep.tokens) + len(obs_ids) + rollout_cfg.max_new_tokens > max_positions:
                 ep.done = ep.cut = True
@@ -239,10 +251,12 @@ def env_rewards(env_cfg: EnvConfig) -> list[tuple[str, Callable]]:
 
 
 def play_rows(models, tokenizer, rows: list[dict], rollout_cfg: RolloutConfig, env_cfg: EnvConfig,
-              generator: torch.Generator | None = None) -> tuple[list[str], EpisodeRollout, dict[str, list]]:
-    """Rows {'seed'} -> (first prompts, episodes, reward columns with `env_reward`): stages 1-2 for environments."""
+              generator: torch.Generator | None = None,
+              data_cfg: DataConfig | None = None) -> tuple[list[str], EpisodeRollout, dict[str, list]]:
+    """Rows {'seed'} -> (first prompts, episodes, reward columns with `env_reward`): stages 1-2 for environments.
+    data_cfg: every turn through the chat template (see rollout_episodes)."""
     rollout = rollout_episodes(models, tokenizer, make_envs(env_cfg.name, [row["seed"] for row in rows]),
-                               rollout_cfg, env_cfg.max_turns, generator)
+                               rollout_cfg, env_cfg.max_turns, generator, data_cfg)
     columns = {k: [row[k] for row in rows] for k in rows[0]}
     columns["env_reward"] = rollout.scores.tolist()
     return rollout.prompts, rollout, columns

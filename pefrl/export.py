@@ -116,16 +116,16 @@ def merged_policy(cfg: Config, adapters: Path, dtype: str) -> PreTrainedModel:
 
 def verify_prompts(cfg: Config, tokenizer, n: int = 3) -> list[str]:
     """A few prompts in the form the policy saw them: the run's eval (or train) prompts, chat-formatted."""
-    from pefrl.data import format_prompt, load_rows
+    from pefrl.data import format_prompt, load_rows, row_prompt
 
-    texts: list[str] = []
-    for source in (cfg.data.eval_prompts, cfg.data.prompts):
-        if source and not texts:
+    prompts: list = []
+    for source in (cfg.data.eval_source, cfg.data.prompts):
+        if source and not prompts:
             try:
-                texts = [r[cfg.data.prompt_field] for r in load_rows(source, cfg.data.prompt_field, cfg.data.split)[:n]]
+                prompts = [row_prompt(r, cfg.data, source) for r in load_rows(source, cfg.data)[:n]]
             except Exception:  # a dataset that is not here any more: the check does not need it
-                texts = []
-    return [format_prompt(tokenizer, t, cfg.data.chat_template) for t in (texts or FALLBACK_PROMPTS)]
+                prompts = []
+    return [format_prompt(tokenizer, p, cfg.data) for p in (prompts or FALLBACK_PROMPTS)]
 
 
 def check_finite_weights(adapters: Path) -> None:

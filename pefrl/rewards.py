@@ -113,7 +113,9 @@ class RewardModel:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float]:
         scores = []
-        texts = [p + c for p, c in zip(prompts, completions)]
+        # a conversational prompt (chat messages) is rendered by the reward model's own template, as TRL does
+        texts = [p + c if isinstance(p, str) else self.tokenizer.apply_chat_template(
+            [*p, {"role": "assistant", "content": c}], tokenize=False) for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True).to(device)

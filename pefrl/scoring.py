@@ -89,7 +89,7 @@ def _values_for_one_pass(models: Models, rollout: Rollout, cfg: Config, algo: Al
     n = len(rollout.response_ids)
     if critic is None or critic.shared or rollout.values is not None or algo.update is not None:
         return None
-    if passes(cfg.rl, algo.single_update, n)[2] < n:
+    if passes(cfg, algo.single_update, n)[2] < n:
         return None
     ids, mask, P, critic_inputs = micro_inputs(rollout, torch.arange(n))
     values = critic.values(models, ids, mask, P, critic_inputs)  # (n, T'), T' <= T, trimmed as in the update
@@ -115,7 +115,7 @@ def _no_grad_pass(models: Models, rollout: Rollout, scores: Tensor, cfg: Config,
     reference_pass = rollout.ref_logprobs is None
     pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (b, t) -> (b, T)
     any_pass = policy_pass or reference_pass or critic_pass  # the pefrl engine usually leaves nothing to do
-    for idx in torch.arange(len(rollout.response_ids)).split(cfg.rl.micro_batch_size) if any_pass else ():
+    for idx in torch.arange(len(rollout.response_ids)).split(cfg.micro_batch_size) if any_pass else ():
         ids, mask, P, critic_inputs = micro_inputs(rollout, idx)
         if policy_pass:
             lp, ent, v = policy_forward(models, ids, mask, P, temperature, with_values=critic_pass and shared,

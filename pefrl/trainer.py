@@ -37,10 +37,10 @@ from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm
 from pefrl.arch import context_length
 from pefrl.checkpoint import TrainState, best_metric, keep_best, load_checkpoint, restore_rng, save_checkpoint
 from pefrl.config import Config
-from pefrl.data import PromptStream, check_prompt_lengths, load_rows
+from pefrl.data import PromptStream, check_prompts, load_rows
 from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, seed_rows
-from pefrl.evaluate import eval_rows, evaluate, play
+from pefrl.evaluate import eval_rows, evaluate, play, prompts_seen, split_rows
 from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, load_models, load_tokenizer
@@ -122,12 +122,13 @@ def setup(
     if cfg.env.name:  # rows are environment seeds; the environment writes the prompts (pefrl/envs.py)
         rows, held_out = seed_rows(cfg.train.seed), eval_rows(cfg)
     else:
-        rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data.prompt_field, cfg.data.split, "data.prompts")
+        source = cfg.data.prompts if prompt_source is None else "prompt_source"
+        rows = prompt_source if prompt_source is not None else load_rows(cfg.data.prompts, cfg.data, "data.prompts")
+        rows, held_out = split_rows(cfg, rows, source)  # data.eval_holdout: held-out rows never trained on
         positions = context_length(models.model.config)  # prompts that do not fit are an error, named by row index
-        rows = check_prompt_lengths(rows, tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
-                                    source=cfg.data.prompts if prompt_source is None else "prompt_source")
-        held_out = check_prompt_lengths(eval_rows(cfg), tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
-                                         source=str(cfg.data.eval_prompts))
+        rows = check_prompts(rows, tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions, source)
+        held_out = check_prompts(held_out, tokenizer, cfg.data, cfg.rollout.max_new_tokens, positions,
+                                 source=f"{source} (held out)" if cfg.data.eval_holdout else str(cfg.data.eval_source))
     if sharded:
         held_out = trim_eval_rows(held_out, accelerator.num_processes)  # equal generate calls on every rank
     params = models.trainable_parameters()
@@ -214,7 +215,8 @@ def train(
             accelerator.log(record, step=step)
         _show(bar, record, cfg, accelerator.is_main_process and (step + 1) % cfg.train.log_every == 0)
         if accelerator.is_main_process and cfg.train.samples_every and (step + 1) % cfg.train.samples_every == 0:
-            bar.write(writer.write_samples(step, texts, rollout.completions, scores.tolist()))
+            bar.write(writer.write_samples(step, prompts_seen(tokenizer, rollout), rollout.completions,
+                                          scores.tolist()))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             # collective; atomic: a crash here keeps the previous checkpoints
             save_checkpoint(run.train_state(), accelerator, cfg.output_dir, step + 1, cfg.train.keep_last)

@@ -45,7 +45,7 @@ def gradient_update(models: Models, updater: Updater, batch: RolloutBatch, targe
         return micro_backward(models, algo, critic, mb, inputs, cfg, kl_coef, scale, values)
 
     n = len(batch.response_mask)
-    return updater.minibatches(n, *passes(cfg.rl, algo.single_update, n), backward)
+    return updater.minibatches(n, *passes(cfg, algo.single_update, n), backward)
 
 
 def micro_backward(models: Models, algo: Algorithm, critic: Critic | None, mb: dict[str, torch.Tensor],

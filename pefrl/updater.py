@@ -92,8 +92,8 @@ class Updater:
         return out
 
 
-def passes(rl, single_update: bool, n: int) -> tuple[int, int, int]:
+def passes(cfg, single_update: bool, n: int) -> tuple[int, int, int]:
     """(epochs, minibatch size, micro-batch size) of the update of a rollout of n rows: rl.epochs x
-    rl.minibatch_size, or one step over all n rows for a single-update algorithm (rl: config.RLConfig)."""
-    epochs, mb_size = (1, n) if single_update else (rl.epochs, rl.minibatch_size)
-    return epochs, mb_size, min(rl.micro_batch_size, mb_size)
+    cfg.minibatch_size, or one step over all n rows for a single-update algorithm (cfg: config.Config)."""
+    epochs, mb_size = (1, n) if single_update else (cfg.rl.epochs, cfg.minibatch_size)
+    return epochs, mb_size, min(cfg.micro_batch_size, mb_size)

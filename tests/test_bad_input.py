@@ -15,7 +15,7 @@ import pytest
 from pefrl.config import DataConfig, LoraConfig, ModelConfig
 from pefrl.config_loader import load_config
 from pefrl.arch import context_length
-from pefrl.data import DataError, check_prompt_lengths, load_rows
+from pefrl.data import DataError, check_prompts, load_rows
 from pefrl.models import load_models, load_tokenizer
 from pefrl.tasks.arithmetic import DEFAULT_MODEL_DIR
 
@@ -42,7 +42,7 @@ def test_missing_prompt_file_and_missing_field_are_named(tmp_path):
     with pytest.raises(DataError, match="nothere.jsonl does not exist"):
         load_rows(str(tmp_path / "nothere.jsonl"))
     (tmp_path / "p.jsonl").write_text('{"prompt": "1+1="}\n{"question": "2+2="}\n')
-    with pytest.raises(DataError, match=r"row 1 has no string field 'prompt' \(fields: \['question'\]\)"):
+    with pytest.raises(DataError, match=r"row 1 has no field 'prompt' \(fields: \['question'\]\)"):
         load_rows(str(tmp_path / "p.jsonl"))
 
 
@@ -58,23 +58,23 @@ def test_prompt_over_max_prompt_length_names_its_row(tokenizer):
     short, long = "1+1=", "12+" * 5 + "1="
     assert len(tokenizer(short).input_ids) == 4 and len(tokenizer(long).input_ids) == 17
     cfg = DataConfig(max_prompt_length=10, chat_template="off")
-    assert check_prompt_lengths(_rows(short, short), tokenizer, cfg, 4, 64, "p.jsonl") == _rows(short, short)
+    assert check_prompts(_rows(short, short), tokenizer, cfg, 4, 64, "p.jsonl") == _rows(short, short)
     with pytest.raises(DataError, match=r"p.jsonl: row 2 has a 17-token prompt; data.max_prompt_length is 10"):
-        check_prompt_lengths(_rows(short, short, long), tokenizer, cfg, 4, 64, "p.jsonl")
+        check_prompts(_rows(short, short, long), tokenizer, cfg, 4, 64, "p.jsonl")
 
 
 def test_prompt_plus_new_tokens_over_the_models_positions_names_its_row(tokenizer):
     cfg = DataConfig(max_prompt_length=256, chat_template="off")
     long = "12+" * 5 + "1="  # 17 tokens
-    check_prompt_lengths(_rows(long), tokenizer, cfg, 47, 64, "src")  # 17 + 47 = 64: fits exactly
+    check_prompts(_rows(long), tokenizer, cfg, 47, 64, "src")  # 17 + 47 = 64: fits exactly
     with pytest.raises(DataError, match=r"src: row 0 has a 17-token prompt; with rollout.max_new_tokens=48 it needs "
                                         r"65 positions, the model has 64"):
-        check_prompt_lengths(_rows(long), tokenizer, cfg, 48, 64, "src")
+        check_prompts(_rows(long), tokenizer, cfg, 48, 64, "src")
 
 
 def test_online_prompts_are_checked_as_they_are_drawn(tokenizer):
     cfg = DataConfig(max_prompt_length=10, chat_template="off")
-    stream = check_prompt_lengths(iter(_rows("1+1=", "2+2=", "12+" * 5 + "1=")), tokenizer, cfg, 4, None, "online")
+    stream = check_prompts(iter(_rows("1+1=", "2+2=", "12+" * 5 + "1=")), tokenizer, cfg, 4, None, "online")
     assert next(stream) == {"prompt": "1+1="} and next(stream) == {"prompt": "2+2="}  # lazy: no error yet
     with pytest.raises(DataError, match="online: row 2 has a 17-token prompt"):
         next(stream)

@@ -69,7 +69,7 @@ def test_init_writes_loadable_config_and_reward(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(target)  # the config names my_reward.py relative to where pefrl runs
     cfg = load_config("config.yaml")
     assert cfg.reward.functions == ["my_reward.py:reward"]
-    assert cfg.rollout.num_sequences % cfg.rl.minibatch_size == 0
+    assert cfg.rollout.num_sequences % cfg.minibatch_size == 0
     scores, _ = build_scorer(cfg.reward)(["2+3=", "9+9="], ["5", "17"], {"answer": ["5", "18"]})
     assert scores.tolist() == [1.0, 0.0]
 

@@ -21,7 +21,7 @@ def test_bad_json_names_file_and_line(tmp_path):
 def test_missing_prompt_field_names_row(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a"}\n{"question": "b"}\n')
-    with pytest.raises(DataError, match=r"row 1 has no string field 'prompt'"):
+    with pytest.raises(DataError, match=r"row 1 has no field 'prompt'"):
         load_rows(str(path))
 
 

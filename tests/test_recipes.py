@@ -48,7 +48,7 @@ def test_recipe_config_loads_and_its_files_exist(config, monkeypatch):
         return
     for source in (cfg.data.prompts, cfg.data.eval_prompts):
         if source and not source.startswith("builtin:"):
-            rows = load_rows(source, cfg.data.prompt_field)
+            rows = load_rows(source, cfg.data)
             assert len(rows) >= cfg.rollout.batch_size
 
 

@@ -310,8 +310,8 @@ def critic_update(models: Models, updater: Any, batch: RolloutBatch, targets: Ta
                 p.grad = g if p.grad is None else p.grad + g
         return {"value_loss": loss.item()}
 
-    micro = min(cfg.rl.micro_batch_size, cfg.rl.minibatch_size)
-    stats = updater.minibatches(len(mask), cfg.rl.epochs, cfg.rl.minibatch_size, micro, backward, params)
+    micro = min(cfg.micro_batch_size, cfg.minibatch_size)
+    stats = updater.minibatches(len(mask), cfg.rl.epochs, cfg.minibatch_size, micro, backward, params)
     for p in params:
         p.grad = None
     return {"value_loss": stats.get("value_loss", 0.0), "critic_skipped": stats["skipped_updates"]}
@@ -324,7 +324,7 @@ def trpo_update(models: Models, updater: Any, batch: RolloutBatch, targets: Targ
     pb = PolicyBatch(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                      prompt_len=rollout.query_ids.shape[1], response_mask=batch.response_mask,
                      behaviour_logprobs=batch.logprobs, advantages=targets.advantages,
-                     micro_batch_size=cfg.rl.micro_batch_size, temperature=cfg.rollout.temperature,
+                     micro_batch_size=cfg.micro_batch_size, temperature=cfg.rollout.temperature,
                      max_len=cfg.max_policy_tokens, chunk_size=cfg.model.logits_chunk_size,
                      ref_logprobs=batch.ref_logprobs)
     stats = natural_gradient_step(models, policy_parameters(models), pb, cfg.rl, updater.mean_over_ranks)

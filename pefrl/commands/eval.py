@@ -43,10 +43,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     (rewards.supply_rewards): how a run trained with callables that cannot be re-imported is scored."""
     from pefrl.config_loader import load_config
     from pefrl.data import load_rows
-    from pefrl.envs import env_rewards, eval_rows
+    from pefrl.envs import env_rewards
+    from pefrl.envs import eval_rows as env_eval_rows
     from pefrl.adapters_io import load_adapters
     from pefrl.errors import PathError
-    from pefrl.evaluate import evaluate
+    from pefrl.evaluate import eval_rows, evaluate
     from pefrl.export import check_finite_weights
     from pefrl.models import load_models, load_tokenizer
     from pefrl.rewards import build_scorer, supply_rewards
@@ -60,12 +61,15 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "f
     if cfg.env.name:  # an environment run: held-out games, not prompts
         if data:
             raise ValueError(f"the run plays {cfg.env.name}; --data does not apply (use --size for the game count)")
-        source, rows = f"{cfg.env.name} (held-out games)", eval_rows(size or cfg.data.eval_size)
+        source, rows = f"{cfg.env.name} (held-out games)", env_eval_rows(size or cfg.data.eval_size)
     else:
-        source = data or cfg.data.eval_prompts
-        if not source:
-            raise ValueError("no prompts: pass --data (the run has no data.eval_prompts)")
-        rows = load_rows(source, cfg.data.prompt_field, cfg.data.split, "--data" if data else "data.eval_prompts")
+        source = data or cfg.data.eval_source
+        if data or source:
+            rows = load_rows(source, cfg.data, "--data" if data else "data.eval_prompts")
+        elif cfg.data.eval_holdout:  # the rows the run held out of data.prompts (drawn by train.seed)
+            source, rows = f"{cfg.data.prompts} (held out)", eval_rows(cfg)
+        else:
+            raise ValueError("no prompts: pass --data (the run has no data.eval_prompts nor data.eval_holdout)")
         rows = rows[:size] if size else rows
     weights = adapter_dir(run_dir, adapter)
     if weights is not None:

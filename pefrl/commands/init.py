@@ -34,10 +34,13 @@ lora:
 
 data:
   # A JSONL/CSV/Parquet file, a `datasets` name or a load_from_disk directory. The prompt is in column
-  # `prompt_field`; every other column (here `answer`) reaches the reward function by name.
+  # `prompt_field` (a string or a list of {role, content} messages), or built from columns by
+  # prompt_template: "Question: {question}"; every other column (here `answer`) reaches the reward by name.
   prompts: builtin:arithmetic
   prompt_field: prompt
-  eval_prompts: builtin:arithmetic-eval   # held-out prompts; null: no evaluation
+  eval_prompts: auto      # auto: a builtin's own eval set, else none; or a file; null: no evaluation
+  # eval_holdout: 64      # or hold out 64 rows of `prompts` for evaluation (never trained on)
+  # system_prompt: "You are a careful calculator."   # with a chat template
   eval_size: 200
 
 rollout:
@@ -53,7 +56,7 @@ reward:
 
 rl:
   epochs: 2
-  minibatch_size: 16      # must divide rollout.batch_size * rollout.num_samples
+  # minibatch_size: 16    # empty: the whole rollout; else it must divide batch_size * num_samples
   kl_coef: 0.05           # pull towards the reference (the base with adapters off)
 
 train:
