@@ -3,6 +3,8 @@
     1. prompts     this rank's slice of the global batch, each repeated rollout.num_samples times
     2. generate    evaluate.play: policy adapter, left-padded batches, KV cache (or environment episodes)
     3. score       the run's Scorer: reward functions and/or reward model -> scores (B,)
+                   (1-3 are `draw`; sampling_loop.sample_batch calls it again for dynamic sampling, and shapes
+                   overlong completions)
     4. no-grad     scoring.score_rollout: old / reference logprobs and values the sampler did not record
     5. targets     algo.targets: KL-shaped rewards and advantages (pefrl/algorithms/)
     6. update      update.update: epochs x minibatches through the Updater (only adapters and value head)
