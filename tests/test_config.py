@@ -180,7 +180,8 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
         monkeypatch.setattr(cls, "__getattribute__", getattribute)
     small = ["train.steps=1", "rollout.batch_size=4", "data.eval_size=4"]
     runs = [(f"arithmetic_{algo}", [f"rl.minibatch_size={4 * (1 + (algo == 'grpo'))}"]) for algo in ALGOS]
-    runs += [("guessing_game", ["rl.minibatch_size=16"]), ("reward_model", ["rl.minibatch_size=4", "train.save_every=1"])]
+    runs += [("arithmetic_dapo", ["rl.minibatch_size=4", "rl.overlong_buffer_len=2"]),  # the soft overlong penalty
+             ("guessing_game", ["rl.minibatch_size=16"]), ("reward_model", ["rl.minibatch_size=4", "train.save_every=1"])]
     for i, (name, extra) in enumerate(runs):
         train(load_config(REPO / "recipes" / "configs" / f"{name}.yaml", [f"output_dir={tmp_path / str(i)}", *small, *extra]))
     quantization_config(load_config(None, ["model.quantization=4bit"]).model)
