@@ -250,8 +250,12 @@ class RLConfig:
     """Discount over response tokens."""
     lam: float = 0.95
     """GAE lambda (bias/variance trade-off of the advantage)."""
-    clip_range: float = 0.2
-    """Policy ratio clip epsilon (PPO, GRPO, RLOO)."""
+    clip_range: float | None = None
+    """Policy ratio clip epsilon, the lower one when clip_range_high is set (1 - clip_range). Empty: the algorithm's
+    published default: 0.2 (ppo, grpo, rloo, reinforce_pp, dapo), 3e-4 (gspo, per sequence), none (cispo)."""
+    clip_range_high: float | None = None
+    """Upper clip epsilon (1 + clip_range_high; DAPO's clip-higher). Empty: the algorithm's default: the low one
+    (symmetric) for ppo, grpo, rloo, reinforce_pp; 0.28 (dapo, cispo); 4e-4 (gspo)."""
     value_clip_range: float = 0.2
     """Value prediction clip around the rollout values (PPO). 0: no value clipping."""
     vf_coef: float = 0.5
@@ -276,6 +280,19 @@ class RLConfig:
     loss_aggregation: str = "token_mean"
     """'token_mean' (all tokens weigh alike), 'sequence_mean' (mean per sequence, then over sequences) or
     'fixed_length' (sum / (batch * max_new_tokens), Dr. GRPO)."""
+    dynamic_sampling: bool | None = None
+    """Drop prompts whose num_samples rewards are all equal and draw more until rollout.batch_size prompts have
+    a spread (DAPO). Empty: the algorithm's default (on for dapo only). One process only."""
+    dynamic_sampling_max_draws: int = 10
+    """Dynamic sampling: most prompt batches drawn per step (DAPO's verl recipe: 10); when reached, the batch is
+    filled up with the last dropped prompts."""
+    overlong_filter: bool = False
+    """Mask completions cut off at rollout.max_new_tokens (no EOS or stop string) out of the loss (DAPO)."""
+    overlong_buffer_len: int = 0
+    """Soft overlong punishment (DAPO eq. 13): a penalty growing from 0 to -overlong_penalty_factor over the
+    last this many tokens before rollout.max_new_tokens, added to the scores (0: off)."""
+    overlong_penalty_factor: float = 1.0
+    """Largest soft overlong penalty (DAPO: 1.0)."""
     baseline_decay: float = 0.9
     """REINFORCE moving-average baseline decay."""
     max_kl: float = 0.01
@@ -296,9 +313,11 @@ class RLConfig:
         _in_range("rl.lam", self.lam, 0.0, 1.0)
         _choice("rl.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _choice("rl.loss_aggregation", self.loss_aggregation, ("token_mean", "sequence_mean", "fixed_length"))
-        for name in ("clip_range", "value_clip_range", "vf_coef", "entropy_coef", "kl_coef"):
-            if getattr(self, name) < 0:
+        for name in ("clip_range", "clip_range_high", "value_clip_range", "vf_coef", "entropy_coef", "kl_coef",
+                     "overlong_buffer_len", "overlong_penalty_factor"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"rl.{name} must be >= 0, got {getattr(self, name)}")
+        _positive("rl.dynamic_sampling_max_draws", self.dynamic_sampling_max_draws)
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError(f"rl.kl_target must be > 0, got {self.kl_target}")
         _in_range("rl.baseline_decay", self.baseline_decay, 0.0, 1.0)
@@ -393,13 +412,13 @@ class EvalConfig:
         return [] if not k else sorted({"pass@1", f"pass@{k}"}) + [f"mean@{k}"]
 
 
-ALGOS = ("ppo", "a2c", "reinforce", "rloo", "grpo", "reinforce_pp", "trpo")
+ALGOS = ("ppo", "a2c", "reinforce", "rloo", "grpo", "reinforce_pp", "trpo", "dapo", "gspo", "cispo")
 
 
 @dataclass
 class Config:
     algo: str = "ppo"
-    """RL algorithm: ppo, a2c, reinforce, rloo, grpo, reinforce_pp or trpo."""
+    """RL algorithm: ppo, a2c, reinforce, rloo, grpo, reinforce_pp, trpo, dapo, gspo or cispo."""
     output_dir: str = "runs/default"
     """Where metrics.jsonl, checkpoints and final/ adapters go."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -435,7 +454,15 @@ class Config:
             if sampled and best[len("eval_"):] not in self.eval.sample_keys():
                 raise ConfigError(f"train.keep_best={best} is not logged with eval.num_samples="
                                   f"{self.eval.num_samples}; it logs {['eval_' + k for k in self.eval.sample_keys()]}")
-        if self.algo in ("rloo", "grpo") and self.rollout.num_samples < 2:
+        if self.rl.overlong_buffer_len > self.rollout.max_new_tokens:
+            raise ConfigError(f"rl.overlong_buffer_len ({self.rl.overlong_buffer_len}) must be <= "
+                              f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        if self.env.name and (self.rl.overlong_filter or self.rl.overlong_buffer_len):
+            raise ConfigError("rl.overlong_filter / rl.overlong_buffer_len need single-turn completions; "
+                              "env.name episodes have several turns")
+        if self.rl.dynamic_sampling and self.rollout.num_samples < 2:
+            raise ConfigError("rl.dynamic_sampling needs rollout.num_samples >= 2 (a prompt's rewards must differ)")
+        if self.algo in ("rloo", "grpo", "dapo", "gspo", "cispo") and self.rollout.num_samples < 2:
             raise ConfigError(f"algo {self.algo} needs rollout.num_samples >= 2 (a group baseline), got 1")
 
     @property

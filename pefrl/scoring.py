@@ -22,6 +22,7 @@ from pefrl.algorithms import Algorithm, RolloutBatch
 from pefrl.config import Config
 from pefrl.forward import critic_values, policy_forward, reference_logprobs
 from pefrl.models import Models
+from pefrl.ops.sampling import mask_truncated
 from pefrl.rollout import Rollout
 from pefrl.updater import passes
 
@@ -70,12 +71,18 @@ def micro_inputs(rollout: Rollout, idx: Tensor) -> tuple[Tensor, Tensor, int, Te
     return ids, attention[:, left : P + T], P - left, critic_inputs
 
 
-def score_rollout(models: Models, rollout: Rollout, scores: Tensor, cfg: Config, algo: Algorithm) -> RolloutBatch:
+def score_rollout(models: Models, rollout: Rollout, scores: Tensor, cfg: Config, algo: Algorithm,
+                  finished: Tensor | None = None) -> RolloutBatch:
     """The rollout as the algorithm reads it: scores (B,) from stage 3 plus old logprobs, reference logprobs and
-    values (B, T), each taken from the sampler where it recorded them and computed here where it did not."""
+    values (B, T), each taken from the sampler where it recorded them and computed here where it did not.
+    finished (B,) bool (sampling_loop.finished_rows): with rl.overlong_filter the rows cut off at the length cap
+    leave the batch's response_mask, so no loss term sees them (DAPO section 3.4)."""
     critic = Critic.of(models) if algo.uses_critic else None
     values_graph = _values_for_one_pass(models, rollout, cfg, algo, critic)
-    return _no_grad_pass(models, rollout, scores, cfg, critic, values_graph)
+    batch = _no_grad_pass(models, rollout, scores, cfg, critic, values_graph)
+    if cfg.rl.overlong_filter and finished is not None:
+        batch.response_mask = mask_truncated(batch.response_mask, finished.to(batch.response_mask.device))
+    return batch
 
 
 def _values_for_one_pass(models: Models, rollout: Rollout, cfg: Config, algo: Algorithm,

@@ -3,6 +3,8 @@
     1. prompts     this rank's slice of the global batch, each repeated rollout.num_samples times
     2. generate    evaluate.play: policy adapter, left-padded batches, KV cache (or environment episodes)
     3. score       the run's Scorer: reward functions and/or reward model -> scores (B,)
+                   (1-3 are `draw`; sampling_loop.sample_batch calls it again for dynamic sampling, and shapes
+                   overlong completions)
     4. no-grad     scoring.score_rollout: old / reference logprobs and values the sampler did not record
     5. targets     algo.targets: KL-shaped rewards and advantages (pefrl/algorithms/)
     6. update      update.update: epochs x minibatches through the Updater (only adapters and value head)
@@ -49,6 +51,7 @@ from pefrl.ops.kl import kl_estimate, make_kl_controller
 from pefrl.rewards import Scorer, build_scorer, reduce_stats
 from pefrl.rollout import use_pefrl_engine
 from pefrl.rundir import resolve_run, start_run
+from pefrl.sampling_loop import Drawn, check_dynamic_sampling, sample_batch
 from pefrl.scoring import score_rollout
 from pefrl.startline import start_line
 from pefrl.update import update
@@ -103,6 +106,7 @@ def setup(
     check_supported(accelerator)  # DeepSpeed / Megatron would shard nothing here: stop, don't run unsharded
     resumed_from = resolve_run(cfg)  # None: fresh; refuses a used output_dir or a changed config before loading
     algo = get_algorithm(cfg.algo)
+    check_dynamic_sampling(cfg, algo, accelerator.num_processes)  # one process, single-turn prompts
     sharded = fsdp_requested(accelerator)
     if sharded:
         check_fsdp(cfg, fsdp_ok=algo.fsdp_ok)
@@ -166,30 +170,42 @@ def train(
     bar = tqdm(total=cfg.train.steps, initial=run.start_step, desc=f"pefrl {cfg.algo}", unit="step",
                disable=not accelerator.is_main_process or not sys.stderr.isatty(),  # a log file: progress lines
                dynamic_ncols=True)
+
+    def draw(timer: Timer) -> Drawn | None:
+        """Stages 1-3 for one batch of prompts; None once the prompt source has ended."""
+        # 1. prompts: this rank's slice of the global batch, each prompt repeated k times (rows k*i..k*i+k-1)
+        global_rows = stream.next_batch(cfg.rollout.batch_size * world)
+        if global_rows is None:
+            return None
+        my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
+        my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
+
+        # 2. generate with the policy adapter (env.name: whole episodes, the environment answering each turn)
+        with timer("generate"):
+            texts, rollout, columns = play(models, tokenizer, my_rows, cfg, cfg.rollout, scores_too=True)
+
+        # 3. score: reward functions see the raw prompt text and every other column (episodes: env_reward)
+        with timer("score"):
+            scores, reward_stats = scorer(texts, rollout.completions, columns)
+        return Drawn(texts, rollout, columns, scores, reward_stats)
+
     for step in range(run.start_step, cfg.train.steps):
         timer = Timer()
         t0, cpu0 = time.perf_counter(), time.process_time()
 
         with RankGuard(accelerator, step):  # an error in stages 1-3 on any rank stops every rank, naming it
-            # 1. prompts: this rank's slice of the global batch, each prompt repeated k times (rows k*i..k*i+k-1)
-            global_rows = stream.next_batch(cfg.rollout.batch_size * world)
-            if global_rows is None:
-                accelerator.print(f"prompt source ended after {step} steps")
-                break
-            my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
-            my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
-
-            # 2. generate with the policy adapter (env.name: whole episodes, the environment answering each turn)
-            with timer("generate"):
-                texts, rollout, columns = play(models, tokenizer, my_rows, cfg, cfg.rollout, scores_too=True)
-
-            # 3. score: reward functions see the raw prompt text and every other column (episodes: env_reward)
-            with timer("score"):
-                scores, reward_stats = scorer(texts, rollout.completions, columns)
+            # 1-3. prompts, generate, score (`draw`); dynamic sampling draws again while a prompt's rewards are all
+            #      equal, overlong shaping adds the length penalty (pefrl/sampling_loop.py)
+            sampled = sample_batch(lambda: draw(timer), cfg, algo, tokenizer)
+        if sampled is None:
+            accelerator.print(f"prompt source ended after {step} steps")
+            break
+        texts, rollout, scores, reward_stats = sampled.texts, sampled.rollout, sampled.scores, sampled.reward_stats
 
         # 4. old logprobs, reference logprobs and values: whatever the sampler did not already score
         with timer("reference"):
-            batch = score_rollout(models, rollout, scores.to(accelerator.device), cfg, algo)
+            batch = score_rollout(models, rollout, sampled.shaped_scores.to(accelerator.device), cfg, algo,
+                                  finished=sampled.finished)
 
         # 5. rewards and advantages
         kl_coef = kl_ctl.value
@@ -205,7 +221,7 @@ def train(
 
         # 7. log, evaluate, checkpoint
         record = step_record(run, step, batch, scores, kl_coef, reward_stats,
-                             {**targets.stats, **train_stats, **getattr(rollout, "stats", {})})
+                             {**sampled.stats, **targets.stats, **train_stats, **getattr(rollout, "stats", {})})
         kl_ctl.update(record["kl"], cfg.rollout.num_sequences * world)  # adaptive controller (Ziegler et al. 2019)
         if held_out and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             record.update(evaluation(run, step + 1, keep=True))  # eval_reward_mean, ...; best/ (train.keep_best)

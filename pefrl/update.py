@@ -45,7 +45,10 @@ def gradient_update(models: Models, updater: Updater, batch: RolloutBatch, targe
         return micro_backward(models, algo, critic, mb, inputs, cfg, kl_coef, scale, values)
 
     n = len(batch.response_mask)
-    return updater.minibatches(n, *passes(cfg, algo.single_update, n), backward)
+    # token_mean (DAPO's token-level loss): each micro-batch's mean over its own tokens, weighted by its share of
+    # the minibatch's tokens, is the mean over the minibatch's tokens; the other modes weigh by rows
+    tokens = batch.response_mask.sum(-1) if cfg.rl.loss_aggregation == "token_mean" else None  # (n,)
+    return updater.minibatches(n, *passes(cfg, algo.single_update, n), backward, row_weights=tokens)
 
 
 def micro_backward(models: Models, algo: Algorithm, critic: Critic | None, mb: dict[str, torch.Tensor],

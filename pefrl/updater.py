@@ -71,10 +71,13 @@ class Updater:
 
     def minibatches(self, n: int, epochs: int, mb_size: int, micro: int,
                     backward: Callable[[Tensor, float], dict[str, Tensor | float]],
-                    params: Sequence[torch.nn.Parameter] | None = None) -> dict[str, float]:
+                    params: Sequence[torch.nn.Parameter] | None = None,
+                    row_weights: Tensor | None = None) -> dict[str, float]:
         """epochs x minibatches of `step(params)`, each minibatch (a random permutation of range(n) cut in
         mb_size rows) split in micro-batches of `micro` rows for memory. backward(idx, weight) runs one
         micro-batch's forward and backward of loss * weight (its share of the minibatch) and returns its stats.
+        The share counts rows, or `row_weights` (n,) where given: a token-mean loss passes each row's token
+        count, so the micro-batches' losses add up to the mean over the minibatch's tokens.
         -> the stats averaged over minibatches (micro-batches weighted by rows), plus skipped_updates."""
         totals: dict[str, float] = {}
         count, skipped = 0, 0
@@ -82,7 +85,7 @@ class Updater:
             for mb_idx in torch.randperm(n).split(mb_size):
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_idx in mb_idx.split(micro):
-                    stats = backward(micro_idx, len(micro_idx) / len(mb_idx))
+                    stats = backward(micro_idx, _share(micro_idx, mb_idx, row_weights))
                     for k, v in stats.items():
                         totals[k] = totals.get(k, 0.0) + float(v) * len(micro_idx) / len(mb_idx)
                 count += 1
@@ -90,6 +93,16 @@ class Updater:
         out = {k: v / max(count, 1) for k, v in totals.items()}
         out["skipped_updates"] = float(skipped)
         return out
+
+
+def _share(micro_idx: Tensor, mb_idx: Tensor, row_weights: Tensor | None) -> float:
+    """A micro-batch's share of its minibatch: by rows, or by row_weights (a minibatch weighing 0: by rows)."""
+    if len(micro_idx) == len(mb_idx):
+        return 1.0  # exactly, whatever the weights
+    total = float(row_weights[mb_idx].sum()) if row_weights is not None else 0.0
+    if total <= 0:
+        return len(micro_idx) / len(mb_idx)
+    return float(row_weights[micro_idx].sum()) / total
 
 
 def passes(cfg, single_update: bool, n: int) -> tuple[int, int, int]:

@@ -30,6 +30,7 @@ from pefrl.checkpoint import restore_rng, save_checkpoint  # noqa: E402
 from pefrl.distributed import RankGuard  # noqa: E402
 from pefrl.evaluate import play  # noqa: E402
 from pefrl.metrics import Timer, progress_line  # noqa: E402
+from pefrl.sampling_loop import Drawn, sample_batch  # noqa: E402
 from pefrl.scoring import score_rollout  # noqa: E402
 from pefrl.trainer import after_training, before_training, evaluation, setup, step_record, step_timing  # noqa: E402
 from pefrl.update import update  # noqa: E402
@@ -51,32 +52,43 @@ def main(algo: str = "ppo") -> dict:
         restore_rng(run.resumed_from, rank)  # after the evaluation above, which draws from the RNG too
     t_start, bad_steps, steps_done = time.perf_counter(), 0, run.start_step
 
+    def draw(timer: Timer) -> Drawn | None:
+        """Stages 1-3 for one batch of prompts; None once the prompt source has ended."""
+        # 1. prompts: every rank draws the same global batch and keeps its slice; each prompt k times
+        global_rows = run.stream.next_batch(cfg.rollout.batch_size * world)
+        if global_rows is None:
+            return None
+        my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
+        my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
+
+        # 2. generate with the policy adapter; the sampler also scores what it can on the way (the
+        #    reference's logprobs, the shared critic's values) so stage 4 has less to do
+        with timer("generate"):
+            texts, rollout, columns = play(models, tokenizer, my_rows, cfg, cfg.rollout, scores_too=True)
+
+        # 3. score: one float per completion; reward functions see the prompt text and every other column
+        with timer("score"):
+            scores, reward_stats = scorer(texts, rollout.completions, columns)  # (B,)
+        return Drawn(texts, rollout, columns, scores, reward_stats)
+
     for step in range(run.start_step, cfg.train.steps):
         timer = Timer()
         t0, cpu0 = time.perf_counter(), time.process_time()
 
         with RankGuard(accelerator, step):  # an error in stages 1-3 on any rank stops every rank, naming it
-            # 1. prompts: every rank draws the same global batch and keeps its slice; each prompt k times
-            global_rows = run.stream.next_batch(cfg.rollout.batch_size * world)
-            if global_rows is None:
-                accelerator.print(f"prompt source ended after {step} steps")
-                break
-            my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
-            my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
-
-            # 2. generate with the policy adapter; the sampler also scores what it can on the way (the
-            #    reference's logprobs, the shared critic's values) so stage 4 has less to do
-            with timer("generate"):
-                texts, rollout, columns = play(models, tokenizer, my_rows, cfg, cfg.rollout, scores_too=True)
-
-            # 3. score: one float per completion; reward functions see the prompt text and every other column
-            with timer("score"):
-                scores, reward_stats = scorer(texts, rollout.completions, columns)  # (B,)
+            # 1-3. prompts, generate, score (`draw`); dynamic sampling draws again while a prompt's rewards are all
+            #      equal, overlong shaping adds the length penalty (pefrl/sampling_loop.py)
+            sampled = sample_batch(lambda: draw(timer), cfg, algo, tokenizer)
+        if sampled is None:
+            accelerator.print(f"prompt source ended after {step} steps")
+            break
+        texts, rollout, scores, reward_stats = sampled.texts, sampled.rollout, sampled.scores, sampled.reward_stats
 
         # 4. without grad: old logprobs, reference logprobs (adapters off) and values, where the sampler
         #    did not already record them
         with timer("reference"):
-            batch = score_rollout(models, rollout, scores.to(accelerator.device), cfg, algo)
+            batch = score_rollout(models, rollout, sampled.shaped_scores.to(accelerator.device), cfg, algo,
+                                  finished=sampled.finished)
 
         # 5. targets: PPO shapes the rewards with a per-token KL penalty to the reference and runs GAE on the
         #    critic's values (Ziegler et al. 2019); algo_state is checkpointed (e.g. REINFORCE's baseline)
@@ -94,7 +106,7 @@ def main(algo: str = "ppo") -> dict:
 
         # 7. log, adapt the KL coefficient, evaluate, checkpoint
         record = step_record(run, step, batch, scores, kl_coef, reward_stats,  # reward stats over every rank
-                             {**targets.stats, **train_stats, **getattr(rollout, "stats", {})})
+                             {**sampled.stats, **targets.stats, **train_stats, **getattr(rollout, "stats", {})})
         run.kl_ctl.update(record["kl"], cfg.rollout.num_sequences * world)  # adaptive: Ziegler et al. 2019
         if run.eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             # greedy eval_reward_mean, eval_reward/<function>, eval_pass@k (eval.num_samples); keep=True: the

@@ -70,7 +70,7 @@ def test_every_loss_subtracts_the_entropy_bonus(name):
 
 def test_registry_names_match_config_and_unknown_name_lists_valid_ones():
     assert set(ALGORITHMS) <= set(ALGOS)  # a registered name the config rejects would be unreachable
-    with pytest.raises(ValueError, match=r"unknown algorithm 'ppo2'; valid: \['a2c', 'grpo', 'ppo'"):
+    with pytest.raises(ValueError, match=r"unknown algorithm 'ppo2'; valid: \['a2c', 'cispo', 'dapo', 'grpo', 'gspo', 'ppo'"):
         get_algorithm("ppo2")
     with pytest.raises(ValueError, match="already registered"):
         register(ALGORITHMS["ppo"])

@@ -181,7 +181,8 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
     small = ["train.steps=1", "rollout.batch_size=4", "data.eval_size=4"]
     runs = [(f"arithmetic_{algo}", [f"rl.minibatch_size={4 * (1 + (algo == 'grpo'))}"]) for algo in ALGOS]
     sampled_eval = ["eval.num_samples=2", "eval.temperature=0.7", "train.eval_every=1", "train.keep_best=eval_pass@2"]
-    runs += [("guessing_game", ["rl.minibatch_size=16"]),
+    runs += [("arithmetic_dapo", ["rl.minibatch_size=4", "rl.overlong_buffer_len=2"]),  # the soft overlong penalty
+             ("guessing_game", ["rl.minibatch_size=16"]),
              ("reward_model", ["rl.minibatch_size=4", "train.save_every=1", *sampled_eval])]
     for i, (name, extra) in enumerate(runs):
         train(load_config(REPO / "recipes" / "configs" / f"{name}.yaml", [f"output_dir={tmp_path / str(i)}", *small, *extra]))

@@ -41,6 +41,9 @@ RUNS = {
                 "rl.loss_aggregation=fixed_length"],
     "reinforce_pp": ["rollout.batch_size=32", "rl.minibatch_size=16"],
     "trpo": ["rollout.batch_size=32", "rl.minibatch_size=16", "rl.cg_iters=5"],
+    "dapo": ["rollout.batch_size=16", "rl.minibatch_size=32"],
+    "gspo": ["rollout.batch_size=16", "rl.minibatch_size=32"],
+    "cispo": ["rollout.batch_size=16", "rl.minibatch_size=32"],
 }
 
 

@@ -109,8 +109,8 @@ TIMING = {"step_time_s", "step_cpu_s", "gen_time_s", "score_time_s", "reference_
           "gen_tokens_per_s"}
 
 
-@pytest.mark.slow  # 6 subprocess runs (about 70 s on 2 cores)
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "trpo"])
+@pytest.mark.slow  # 8 subprocess runs (about 90 s on 2 cores)
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "trpo", "dapo"])  # dapo: dynamic sampling's refills
 def test_recipe_script_writes_the_metrics_of_pefrl_train(algo, tmp_path):
     """recipes/<algo>.py spells out the loop of `pefrl train`: on the same config both write the same
     metrics.jsonl, every field but the timings, to the bit (one thread, CPU)."""

@@ -3,19 +3,22 @@ own `update`), with capability flags, in one file under pefrl/algorithms/, liste
 
 The trainer only calls `get_algorithm(cfg.algo)`, then `algo.targets(...)` once per rollout batch and
 `algo.loss(...)` per micro-batch; the loop, FSDP and the config read the flags (`uses_critic`, `single_update`,
-`needs_groups`, `fsdp_ok`), never the name. Adding an algorithm = one file with an `ALGORITHM = Algorithm(...)`
+`needs_groups`, `fsdp_ok`, `dynamic_sampling`), never the name. Adding an algorithm = one file with an `ALGORITHM = Algorithm(...)`
 plus its line in `_BUILTIN` (and its name in config.ALGOS, the names a YAML file may use).
 
 Which RLConfig fields each algorithm reads (reward shaping / advantage / loss):
 
 - ppo:          per-token KL (kl_estimator), whiten_rewards / GAE (gamma, lam), whiten_advantages /
-                clipped policy (clip_range) + vf_coef * clipped value (value_clip_range)
+                clipped policy (clip_range, clip_range_high) + vf_coef * clipped value (value_clip_range)
 - a2c:          as ppo / as ppo / -A log pi + vf_coef * unclipped value; one update per batch
 - reinforce:    per-token KL (kl_estimator) / reward-to-go (gamma) - moving baseline (baseline_decay) /
                 -A log pi; one update per batch
 - rloo:         sequence KL, score - kl_coef * sum_t kl_t / leave-one-out over num_samples / clipped policy
 - grpo:         none / group (r - mean) / std (scale_by_std) / clipped policy + kl_coef * k3 loss term
 - reinforce_pp: per-token KL (kl_estimator) / reward-to-go (gamma) whitened over the batch / clipped policy
+- dapo:         as grpo, clip-higher (clip_range 0.2, clip_range_high 0.28 unless set); dynamic_sampling on
+- gspo:         as grpo, one clipped ratio per sequence (clip_range 3e-4, clip_range_high 4e-4 unless set)
+- cispo:        as grpo / -sg(clip(r, ., 1 + clip_range_high (0.28))) A log pi, no lower bound unless clip_range
 - trpo:         as ppo / as ppo / natural-gradient step in a KL trust region (max_kl, cg_iters, cg_damping,
                 line_search_steps), then PPO's value half
 
@@ -24,12 +27,12 @@ All losses subtract entropy_coef * entropy and aggregate per-token terms with lo
 
 from __future__ import annotations
 
-from pefrl.algorithms import a2c, grpo, ppo, reinforce, reinforce_pp, rloo, trpo
+from pefrl.algorithms import a2c, cispo, dapo, grpo, gspo, ppo, reinforce, reinforce_pp, rloo, trpo
 from pefrl.algorithms.base import Algorithm, RolloutBatch, Targets, loss_inputs
 
 __all__ = ["ALGORITHMS", "Algorithm", "RolloutBatch", "Targets", "get_algorithm", "loss_inputs", "register"]
 
-_BUILTIN = (ppo, a2c, reinforce, rloo, grpo, reinforce_pp, trpo)
+_BUILTIN = (ppo, a2c, reinforce, rloo, grpo, reinforce_pp, trpo, dapo, gspo, cispo)
 
 ALGORITHMS: dict[str, Algorithm] = {}
 

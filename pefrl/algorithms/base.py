@@ -58,6 +58,8 @@ class Algorithm:
     loss: LossFn  # (mb, new_logprobs, new_values, entropy, cfg, kl_coef, max_len) -> (loss, stats)
     needs_groups: bool = False  # a group baseline over rollout.num_samples >= 2 samples of each prompt
     fsdp_ok: bool = True  # runs on an FSDP-sharded base
+    # the default of rl.dynamic_sampling: refill the batch with prompts whose rewards differ (DAPO)
+    dynamic_sampling: bool = False
     # Replaces the default epochs x minibatches update (e.g. a natural-gradient step):
     # update(models, updater, batch, targets, cfg, kl_coef, rollout) -> stats, `updater` the loop's narrow
     # optimizer service (pefrl/updater.py). None: the default loop with `loss`.
@@ -76,6 +78,14 @@ def loss_inputs(batch: RolloutBatch, targets: Targets) -> dict[str, Tensor]:
 
 
 # --- shared pieces ------------------------------------------------------------------------------------------
+
+
+def clip_bounds(cfg: RLConfig, low: float | None, high: float | None = None) -> tuple[float | None, float | None]:
+    """(low, high) clip epsilons: rl.clip_range / rl.clip_range_high where set, else the algorithm's published
+    `low` / `high`; `high` None means symmetric (the low one)."""
+    low = cfg.clip_range if cfg.clip_range is not None else low
+    high = cfg.clip_range_high if cfg.clip_range_high is not None else high
+    return low, high if high is not None else low
 
 
 def token_kl(batch: RolloutBatch, cfg: RLConfig) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pefrl.algorithms.base import Algorithm, RolloutBatch, Targets, broadcast, common_stats, target_stats
+from pefrl.algorithms.base import Algorithm, clip_bounds, RolloutBatch, Targets, broadcast, common_stats, target_stats
 from pefrl.config import RLConfig
 from pefrl.ops.advantages import group_advantages, token_rewards
 from pefrl.ops.kl import kl_estimate
@@ -22,11 +22,19 @@ def grpo_targets(batch: RolloutBatch, cfg: RLConfig, kl_coef: float, state: dict
 
 
 def grpo_loss(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: float, max_len: int):
-    """Clipped policy loss + kl_coef * k3 KL(new || ref) as a loss term (DeepSeekMath eq. 3-4). Always k3 whatever
-    cfg.kl_estimator says: its gradient is a KL gradient, while k1's in a loss only lowers sampled logprobs."""
+    """Clipped policy loss + kl_coef * k3 KL(new || ref) as a loss term (DeepSeekMath eq. 3-4)."""
     mask = mb["response_mask"]
-    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, cfg.clip_range,
-                                            cfg.loss_aggregation, max_len)
+    low, high = clip_bounds(cfg, 0.2)  # symmetric unless rl.clip_range_high is set
+    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, low,
+                                            cfg.loss_aggregation, max_len, clip_high=high)
+    return with_kl_term(mb, new_logprobs, entropy, cfg, kl_coef, max_len, pg_loss, pg_stats)
+
+
+def with_kl_term(mb, new_logprobs, entropy, cfg: RLConfig, kl_coef: float, max_len: int, pg_loss, pg_stats):
+    """pg_loss + kl_coef * k3 KL(new || ref) - entropy_coef * entropy, and the loss's stats (GRPO and its 2025
+    variants). Always k3 whatever cfg.kl_estimator says: its gradient is a KL gradient, while k1's in a loss only
+    lowers sampled logprobs."""
+    mask = mb["response_mask"]
     kl = kl_estimate(new_logprobs, mb["ref_logprobs"], "k3")  # (B, T), grad flows to new_logprobs
     kl_term = aggregate(kl, mask, cfg.loss_aggregation, max_len)
     ent = entropy_bonus(entropy, mask, cfg.loss_aggregation, max_len)

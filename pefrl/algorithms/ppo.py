@@ -3,7 +3,7 @@ policy and value losses, rl.epochs x minibatches per rollout."""
 
 from __future__ import annotations
 
-from pefrl.algorithms.base import Algorithm, RolloutBatch, Targets, common_stats, target_stats, token_kl
+from pefrl.algorithms.base import Algorithm, clip_bounds, RolloutBatch, Targets, common_stats, target_stats, token_kl
 from pefrl.config import RLConfig
 from pefrl.ops.advantages import gae, masked_mean, token_rewards, whiten
 from pefrl.ops.losses import clipped_policy_loss, clipped_value_loss, entropy_bonus
@@ -29,8 +29,9 @@ def gae_targets(batch: RolloutBatch, cfg: RLConfig, kl_coef: float, state: dict)
 
 def ppo_loss(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: float, max_len: int):
     mask = mb["response_mask"]
-    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, cfg.clip_range,
-                                            cfg.loss_aggregation, max_len)
+    low, high = clip_bounds(cfg, 0.2)  # Schulman et al. 2017's epsilon
+    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, low,
+                                            cfg.loss_aggregation, max_len, clip_high=high)
     vf_loss, vf_stats = clipped_value_loss(new_values, mb["values"], mb["returns"], mask, cfg.value_clip_range)
     ent = entropy_bonus(entropy, mask, cfg.loss_aggregation, max_len)
     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent

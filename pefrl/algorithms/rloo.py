@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pefrl.algorithms.base import Algorithm, RolloutBatch, Targets, broadcast, common_stats, target_stats, token_kl
+from pefrl.algorithms.base import Algorithm, clip_bounds, RolloutBatch, Targets, broadcast, common_stats, target_stats, token_kl
 from pefrl.config import RLConfig
 from pefrl.ops.advantages import group_advantages, token_rewards
 from pefrl.ops.losses import clipped_policy_loss, entropy_bonus
@@ -23,8 +23,9 @@ def rloo_targets(batch: RolloutBatch, cfg: RLConfig, kl_coef: float, state: dict
 def clipped_pg_loss_fn(mb, new_logprobs, new_values, entropy, cfg: RLConfig, kl_coef: float, max_len: int):
     """PPO-clipped policy loss without a critic (RLOO, REINFORCE++)."""
     mask = mb["response_mask"]
-    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, cfg.clip_range,
-                                            cfg.loss_aggregation, max_len)
+    low, high = clip_bounds(cfg, 0.2)  # Schulman et al. 2017's epsilon
+    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask, low,
+                                            cfg.loss_aggregation, max_len, clip_high=high)
     ent = entropy_bonus(entropy, mask, cfg.loss_aggregation, max_len)
     loss = pg_loss - cfg.entropy_coef * ent
     return loss, {**common_stats(mb, new_logprobs, ent), "policy_loss": pg_loss.detach(), **pg_stats}
