@@ -1,0 +1,237 @@
+"""1B-class bases on a CPU machine: pefrl PPO/GRPO at 4-bit and bf16 against TRL, peak RSS and CPU s/step.
+
+    python scripts/bench_1b.py --shape qwen2.5-1.5b --runs pefrl:ppo:4bit,pefrl:grpo:4bit,trl:grpo:4bit --floor
+
+The bases are random bf16 weights in the published shapes (scripts/memory_model.py SHAPES) with a small offline
+BPE tokenizer (pefrl.tiny; ids past its vocab decode to nothing), so no download is needed and the memory is
+the real model's. Every run is a subprocess of scripts/bench.py's kinds (pefrl: `--child-pefrl`, TRL:
+scripts/bench_trl.py in its venv, floor: `--child-floor`), watched here: a run whose RSS passes `--cap-gb` is
+killed and reported as not fitting, so TRL's PPO (full value and reward models) cannot take the machine down.
+pefrl scores with the rule reward; TRL's PPO needs a reward-model object, a sequence-classification copy of
+the base. Results: docs/benchmarks.md ("1B-class on CPU").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import bench  # scripts/ is on sys.path when run as a script (and in the tests)
+from memory_model import SHAPES, Shape
+
+# a tiny shape for the tests and a quick check of the whole chain (seconds, not minutes)
+BUILDABLE = SHAPES | {"tiny-qwen2": Shape("qwen2", 64, 2, 4, 2, 128, 512, True)}
+BNB_DIR = bench.CACHE / "bnb"  # bitsandbytes for the TRL venvs: pip install --no-deps --target .cache/bench/bnb
+
+
+def hf_config(shape: Shape, tokenizer=None):
+    """The transformers config of `shape`; token ids from `tokenizer` when given (its vocab may be smaller)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    ids = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=tokenizer.pad_token_id)
+    cls = LlamaConfig if shape.arch == "llama" else Qwen2Config
+    return cls(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+               num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate, vocab_size=shape.vocab,
+               tie_word_embeddings=shape.tied, rope_theta=shape.rope_theta, max_position_embeddings=4096,
+               head_dim=shape.head_dim, rms_norm_eps=1e-6, **ids)
+
+
+def meta_model(shape: Shape):
+    """The model of `shape` on the meta device: parameter shapes without any memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16)
+
+
+def build_base(name: str, out: Path, seed: int = 0) -> Path:
+    """Random bf16 weights (normal, std 0.02; norms 1, biases 0) in shape BUILDABLE[name], saved with a BPE tokenizer."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pefrl.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(BUILDABLE[name], tokenizer), dtype=torch.bfloat16)
+    model.to_empty(device="cpu")  # uninitialized storage: filled below, faster than transformers' init
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif pname.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def rss_of(pid: int) -> int:
+    """Resident set size of process `pid` in bytes (Linux /proc, so no psutil is needed on a bare machine)."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child_run(cmd: list[str], log: Path, cap_bytes: float, extra_env: dict[str, str] | None = None) -> dict:
+    """Run one side like bench.run_child, but kill it when its RSS passes cap_bytes. -> its BENCH_JSON, or
+    {"failed": why, "max_rss_seen_bytes": ...} when it was killed, ran out of memory or crashed."""
+    import subprocess
+
+    env = bench.child_env(1) | (extra_env or {})
+    t0, seen, killed = time.perf_counter(), 0, False
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=bench.ROOT, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+        while proc.poll() is None:
+            try:
+                seen = max(seen, rss_of(proc.pid))
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            if seen > cap_bytes:
+                proc.kill()
+                killed = True
+            time.sleep(0.2)
+        stdout = proc.stdout.read()
+        proc.wait()
+        f.write("\n--- stdout ---\n" + stdout)
+    lines = [l for l in stdout.splitlines() if l.startswith("BENCH_JSON ")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1][len("BENCH_JSON "):]) | {"wall_s": time.perf_counter() - t0}
+    why = (f"killed at RSS > {cap_bytes / 2**30:.0f} GiB" if killed else
+           "out of memory" if "OutOfMemory" in log.read_text() or proc.returncode in (-9, 137) else
+           f"crashed (rc {proc.returncode}), see {log}")
+    return {"failed": why, "max_rss_seen_bytes": seen, "wall_s": time.perf_counter() - t0}
+
+
+def child_load(model: str, quant: str) -> dict:
+    """Inside a child: pefrl.models.load_base alone -> peak RSS of loading, RSS after it, and after gc + malloc_trim
+    (how much of the peak is the loader's transient: the mmap'd file, the bf16 state dict, freed heap)."""
+    import ctypes
+    import gc
+    import resource
+
+    from pefrl.config import ModelConfig
+    from pefrl.models import load_base
+
+    before = bench.current_rss()
+    base = load_base(ModelConfig(name_or_path=model, dtype="bfloat16", quantization=None if quant == "bf16" else quant))
+    after = bench.current_rss()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    result = {"side": "load", "rss_after_imports_bytes": before, "rss_after_load_bytes": after,
+              "rss_after_trim_bytes": bench.current_rss(), "base_bytes": base.get_memory_footprint(),
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    print("BENCH_JSON " + json.dumps(result), flush=True)
+    return result
+
+
+def pefrl_command(a: argparse.Namespace, algo: str, quant: str, levers: list[str], model: Path, prompts: Path,
+                  out_dir: str) -> list[str]:
+    """bench.py's pefrl child with bench.pefrl_overrides, the base in bf16 (or `quant`), the rule reward, levers."""
+    o = bench.pefrl_overrides(a, algo, model, model, prompts, out_dir)
+    o += ["model.dtype=bfloat16", f"model.quantization={'' if quant == 'bf16' else quant}", "reward.model=",
+          f"reward.functions=[{bench.ROOT / 'scripts' / 'bench.py'}:bench_reward]"]
+    o += ["model.gradient_checkpointing=true"] if "gc" in levers else []
+    o += [f"model.logits_chunk_size={l[5:]}" for l in levers if l.startswith("chunk")]
+    o += ["rollout.engine=transformers"] if "hf" in levers else []  # transformers' generate for the rollout
+    return [sys.executable, str(bench.ROOT / "scripts" / "bench.py"), "--child-pefrl", json.dumps(o), "--threads", "1"]
+
+
+def run_one(a: argparse.Namespace, spec: str, model: Path, prompts: Path) -> dict:
+    """spec = side:algo:quant[:lever,...], e.g. pefrl:ppo:4bit:gc,chunk16 or trl:ppo:4bit or floor:-:bf16."""
+    side, algo, quant, *rest = spec.split(":")
+    levers = rest[0].split(",") if rest else []
+    cap = a.cap_gb * 2**30
+    logs = bench.CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"1b-{model.name}-{spec.replace(':', '-').replace(',', '+')}.log"
+    if side == "load":
+        return child_run([sys.executable, str(Path(__file__).resolve()), "--child-load", f"{model}:{quant}"], log, cap)
+    if side == "floor":
+        cmd = [sys.executable, str(bench.ROOT / "scripts" / "bench.py"), "--child-floor", str(model), "--floor-shape",
+               f"{a.batch_size * a.num_samples}x{8 + a.max_new_tokens}", "--floor-dtype", "bfloat16"]
+        return child_run(cmd + (["--floor-quantization", quant] if quant != "bf16" else []), log, cap)
+    if side == "trl":
+        rm = bench.prepare_reward_model(model, dtype="bfloat16") if algo == "ppo" else model
+        cmd = [str(bench.TRL_PYTHON[algo]), str(bench.ROOT / "scripts" / "bench_trl.py"),
+               *bench.trl_args(a, algo, model, rm, prompts), "--dtype", "bfloat16"]
+        cmd += (["--quantization", quant] if quant != "bf16" else []) + (["--gradient-checkpointing"] if "gc" in levers else [])
+        return child_run(cmd, log, cap, {"PYTHONPATH": f"{bench.ROOT}:{BNB_DIR}"})
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pefrl-bench1b-") as out_dir:
+        return child_run(pefrl_command(a, algo, quant, levers, model, prompts, out_dir), log, cap)
+
+
+def row(spec: str, r: dict, floor: dict | None) -> str:
+    if "failed" in r:
+        return f"| {spec} | {r['failed']} (max RSS seen {r['max_rss_seen_bytes'] / 2**20:.0f} MiB) | | | |"
+    peak = r["peak_rss_bytes"] / 2**20
+    cpu = r.get("step_cpu_s") or []
+    kept = cpu[1:] or cpu  # first step dropped when there are more
+    growth = "-" if not floor or "failed" in floor else f"{peak - floor['peak_rss_bytes'] / 2**20:.0f}"
+    return (f"| {spec} | {peak:.0f} | {growth} | {sum(kept) / len(kept):.1f} | {r.get('wall_s', 0):.0f} |"
+            if cpu else f"| {spec} | {peak:.0f} | - | - | {r.get('wall_s', 0):.0f} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(BUILDABLE))
+    p.add_argument("--runs", default="pefrl:ppo:4bit,pefrl:grpo:4bit,pefrl:ppo:bf16,pefrl:grpo:bf16,trl:grpo:4bit,"
+                   "trl:ppo:4bit", help="side:algo:quant[:levers] (levers: gc, chunkN, hf), comma-separated")
+    p.add_argument("--floor", action="store_true", help="also the floor at 4-bit and bf16 (bench.child_floor)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=2, help="prompts per step (PPO: batch_size x num_samples)")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--cap-gb", type=float, default=20.0, help="kill a run whose RSS passes this (GiB)")
+    p.add_argument("--out", help="append each result as a JSON line here")
+    p.add_argument("--child-load", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    # the rest of what bench.pefrl_overrides / trl_args read, at bench.py's defaults
+    d = bench.parse_args([])
+    for k in ("epochs", "lr", "kl_coef", "lora_r", "lora_alpha", "target_modules", "seed", "threads", "pefrl_override"):
+        setattr(a, k, getattr(d, k))
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.child_load:
+        model, quant = a.child_load.rsplit(":", 1)
+        child_load(model, quant)
+        return 0
+    model = build_base(a.shape, bench.CACHE / "models" / a.shape)
+    prompts = bench.write_prompts(bench.CACHE / "prompts-1b.jsonl", a.steps * a.batch_size * a.num_samples)
+    specs = [s for s in a.runs.split(",") if s]
+    floor = {}
+    if a.floor:
+        for quant in ("4bit", "bf16"):
+            floor[quant] = run_one(a, f"floor:-:{quant}", model, prompts)
+            print(f"floor {quant}: {json.dumps(floor[quant])}", flush=True)
+    lines = ["| run | peak RSS (MiB) | above floor (MiB) | CPU s/step | wall s (all) |", "|---|---|---|---|---|"]
+    for spec in specs:
+        r = run_one(a, spec, model, prompts)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps({"shape": a.shape, "spec": spec, "result": r}) + "\n")
+        lines.append(row(spec, r, floor.get(spec.split(":")[2])))
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(bench.ROOT))
+    sys.exit(main())
