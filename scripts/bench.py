@@ -149,6 +149,52 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+class StagePeaks:
+    """Peak RSS per stage of pefrl's step (and of everything before the first stage: loading), from Linux's
+    VmHWM, which is reset at each stage boundary (/proc/self/clear_refs 5). Installed in the benchmark child
+    only, by wrapping pefrl.trainer.Timer's stages; `overall` keeps the true peak (getrusage's is reset too)."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+        self.overall = 0
+
+    @staticmethod
+    def _hwm() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def mark(self, name: str) -> None:
+        """Attribute the peak since the last mark to `name`, then restart the peak from the current RSS."""
+        hwm = self._hwm()
+        self.peaks[name] = max(self.peaks.get(name, 0), hwm)
+        self.overall = max(self.overall, hwm)
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def install(self) -> None:
+        import pefrl.trainer
+
+        base, peaks = pefrl.trainer.Timer, self
+
+        class StageTimer(base):
+            def __call__(self, name: str):
+                span = super().__call__(name)
+
+                class _Span:
+                    def __enter__(self):
+                        peaks.mark("load" if not peaks.peaks else "other")  # what ran since the last stage
+                        return span.__enter__()
+
+                    def __exit__(self, *exc):
+                        span.__exit__(*exc)
+                        peaks.mark(name)
+
+                return _Span()
+
+        pefrl.trainer.Timer = StageTimer
+
+
 def child_pefrl(overrides: list[str], threads: int) -> dict:
     """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory."""
     import torch
@@ -162,9 +208,12 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
     cfg = load_config(None, overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    stages = StagePeaks()
+    stages.install()
     t0 = time.perf_counter()
     train(cfg)
     total = time.perf_counter() - t0
+    stages.mark("other")
     records = read_metrics(cfg.output_dir)
     keys = ("step_time_s", "gen_time_s", "score_time_s", "reference_time_s", "train_time_s")
     result = {
@@ -175,7 +224,8 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
         "gen_time_s": sum(r["gen_time_s"] for r in records),
         "gen_tokens": int(sum(r["response_length"] * cfg.rollout.num_sequences for r in records)),
         "rss_after_imports_bytes": rss_after_imports,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, stages.overall),
+        "stage_peak_rss_bytes": stages.peaks,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }

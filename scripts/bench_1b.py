@@ -84,6 +84,25 @@ def rss_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def prequantize(model: Path, quant: str = "4bit") -> Path:
+    """The loader lever: quantize the bf16 checkpoint once and save it (bitsandbytes serializes 4-bit and 8-bit
+    weights), so that later loads map the small quantized file instead of the whole bf16 one. pefrl loads it
+    with the same model.quantization; transformers takes the quantization config from the checkpoint."""
+    out = model.with_name(f"{model.name}-{quant}")
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=quant == "4bit", load_in_8bit=quant == "8bit", bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, quantization_config=q,
+                                                device_map={"": "cpu"})
+    base.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
+
+
 def child_run(cmd: list[str], log: Path, cap_bytes: float, extra_env: dict[str, str] | None = None) -> dict:
     """Run one side like bench.run_child, but kill it when its RSS passes cap_bytes. -> its BENCH_JSON, or
     {"failed": why, "max_rss_seen_bytes": ...} when it was killed, ran out of memory or crashed."""
@@ -149,13 +168,15 @@ def pefrl_command(a: argparse.Namespace, algo: str, quant: str, levers: list[str
 
 
 def run_one(a: argparse.Namespace, spec: str, model: Path, prompts: Path) -> dict:
-    """spec = side:algo:quant[:lever,...], e.g. pefrl:ppo:4bit:gc,chunk16 or trl:ppo:4bit or floor:-:bf16."""
+    """spec = side:algo:quant[:lever+...], e.g. pefrl:ppo:4bit:gc+chunk16 or trl:ppo:4bit or floor:-:bf16."""
     side, algo, quant, *rest = spec.split(":")
-    levers = rest[0].split(",") if rest else []
+    levers = rest[0].split("+") if rest else []
     cap = a.cap_gb * 2**30
     logs = bench.CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"1b-{model.name}-{spec.replace(':', '-').replace(',', '+')}.log"
+    log = logs / f"1b-{model.name}-{spec.replace(':', '-')}.log"
+    if "preq" in levers:
+        model = prequantize(model, quant)
     if side == "load":
         return child_run([sys.executable, str(Path(__file__).resolve()), "--child-load", f"{model}:{quant}"], log, cap)
     if side == "floor":
@@ -189,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(BUILDABLE))
     p.add_argument("--runs", default="pefrl:ppo:4bit,pefrl:grpo:4bit,pefrl:ppo:bf16,pefrl:grpo:bf16,trl:grpo:4bit,"
-                   "trl:ppo:4bit", help="side:algo:quant[:levers] (levers: gc, chunkN, hf), comma-separated")
+                   "trl:ppo:4bit", help="side:algo:quant[:lever+lever] (levers: gc, chunkN, hf, preq: a pre-quantized checkpoint), comma-separated")
     p.add_argument("--floor", action="store_true", help="also the floor at 4-bit and bf16 (bench.child_floor)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2, help="prompts per step (PPO: batch_size x num_samples)")

@@ -108,16 +108,23 @@ def kv_cache_bytes(s: Shape, batch: int, seq_len: int, elem: int = 2) -> int:
     return 2 * s.layers * s.kv_dim * batch * seq_len * elem
 
 
-def activation_bytes(s: Shape, batch: int, seq_len: int, elem: int = 2, checkpointing: bool = False) -> int:
-    """Tensors a decoder stack keeps for backward (SDPA attention: no (T, T) scores kept). Per token and layer:
-    the two norm inputs and outputs (4h), q, k, v (h + 2 kv), attention output (h), and the SwiGLU MLP's gate,
-    up, act(gate) and product (4i), ~ Korthikanti et al. 2022 without dropout masks. With checkpointing, one
-    input per layer (h) plus one layer's full set during its recompute."""
-    per_layer = 4 * s.hidden + s.hidden + 2 * s.kv_dim + s.hidden + 4 * s.intermediate
+def activation_bytes(s: Shape, batch: int, seq_len: int, elem: int = 2, checkpointing: bool = False,
+                     lora_r: int | None = 16) -> int:
+    """Tensors a decoder stack keeps for backward through a frozen base (SDPA attention, no dropout). A frozen
+    projection keeps only its weight (already counted), so what is kept is per token and layer: with LoRA of
+    rank r on all seven projections 6h + 2kv + 4i + 7r elements, without adapters 4.5h + 2kv + 3i (norm inputs
+    and outputs, rotary q/k, v, attention output, the SwiGLU gate/up/product, each adapter's input and its
+    r-wide middle). Counted with torch.autograd.graph.saved_tensors_hooks on tiny Llamas by varying h, kv, i,
+    r and T one at a time (docs/memory.md). Checkpointing keeps one input per layer (h) plus one layer's set
+    during its recompute."""
+    if lora_r is None:
+        per_layer = 4.5 * s.hidden + 2 * s.kv_dim + 3 * s.intermediate
+    else:
+        per_layer = 6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate + 7 * lora_r
     tokens = batch * seq_len
     if checkpointing:
-        return elem * tokens * (s.layers * s.hidden + per_layer)
-    return elem * tokens * s.layers * per_layer
+        return int(elem * tokens * (s.layers * s.hidden + per_layer))
+    return int(elem * tokens * s.layers * per_layer)
 
 
 def logits_bytes(s: Shape, batch: int, seq_len: int, chunk: int | None = None) -> int:
@@ -145,7 +152,7 @@ def parts(s: Shape, quant: str, w: Workload, checkpointing: bool = True, chunked
         "base": base_bytes(s, quant),
         "adapters+optim": trainable_bytes(2 * lora_params(s, w.lora_r) + s.hidden + 1),  # policy + critic + head
         "kv_cache": kv_cache_bytes(s, w.gen_batch, w.seq_len, w.elem),
-        "activations": activation_bytes(s, w.micro_batch, w.seq_len, w.elem, checkpointing),
+        "activations": activation_bytes(s, w.micro_batch, w.seq_len, w.elem, checkpointing, w.lora_r),
         "logits": logits_bytes(s, w.micro_batch, w.seq_len, w.logits_chunk if chunked else None),
     }
 
@@ -201,7 +208,7 @@ def table(w: Workload = Workload()) -> str:
         s = SHAPES[name]
         for quant in ("bf16", "8bit", "4bit"):
             p = parts(s, quant, w)
-            act_full = activation_bytes(s, w.micro_batch, w.seq_len, w.elem, False)
+            act_full = activation_bytes(s, w.micro_batch, w.seq_len, w.elem, False, w.lora_r)
             dense = logits_bytes(s, w.micro_batch, w.seq_len)
             step = lambda total, static: total - static  # per-GPU (unsharded) part of a total
             pe, tp, tg = pefrl_bytes(s, quant, w), trl_ppo_bytes(s, quant, w), trl_grpo_bytes(s, quant, w)
@@ -216,13 +223,84 @@ def table(w: Workload = Workload()) -> str:
     return "\n".join(lines)
 
 
+def cpu_peak_bytes(s: Shape, quant: str, rows: int, seq_len: int, response_len: int, imports: float,
+                   critic: bool = True, file_bytes: float | None = None, prequantized: bool = False,
+                   checkpointing: bool = False, chunk: int | None = None) -> dict:
+    """Peak RSS of a pefrl run on a CPU, loading included (scripts/bench_1b.py, docs/benchmarks.md's runs).
+    quant: fp32 | bf16 (activations in that dtype) | 4bit | 8bit (bf16 compute). imports: RSS after imports
+    (measured). Loading maps the whole checkpoint file (`file_bytes`, default bf16: 2 bytes a parameter) and,
+    for a quantized base, builds the quantized copy (non-quantized weights still bf16) while the file is
+    mapped; an unquantized base in the file's dtype *is* the mapping. Then the step: the base (quantized:
+    embeddings and norms upcast to fp32), trainable state, and one pass's activations and logits."""
+    elem = 4 if quant == "fp32" else 2
+    if file_bytes is None:
+        file_bytes = base_bytes(s, quant, other_bytes=2) if prequantized else 2 * s.params
+    if quant in ("4bit", "8bit"):
+        load = file_bytes + base_bytes(s, quant, other_bytes=2)
+    else:
+        load = max(file_bytes, base_bytes(s, quant))
+    adapters = lora_params(s) * (2 if critic else 1) + (s.hidden + 1 if critic else 0)
+    step = (base_bytes(s, quant) + trainable_bytes(adapters) + activation_bytes(s, rows, seq_len, elem, checkpointing)
+            + logits_bytes(s, rows, response_len, chunk))
+    return {"load": imports + load, "step": imports + step, "peak": imports + max(load, step)}
+
+
+def check(runs: list[dict]) -> str:
+    """Predicted (cpu_peak_bytes) vs measured peak RSS. Each run: shape, spec (side:algo:quant[:levers], as
+    scripts/bench_1b.py), rows, seq_len, response_len, measured and imports (bytes)."""
+    lines = ["| base | run | predicted load / step (MiB) | predicted peak | measured peak | measured / predicted |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        side, algo, quant, *rest = r["spec"].split(":")
+        levers = rest[0].split("+") if rest else []
+        chunk = next((int(l[5:]) for l in levers if l.startswith("chunk")), None)
+        p = cpu_peak_bytes(SHAPES[r["shape"]], quant, r["rows"], r["seq_len"], r["response_len"], r["imports"],
+                           critic=algo == "ppo", prequantized="preq" in levers, checkpointing="gc" in levers,
+                           chunk=chunk)
+        if side == "load":  # the loader probe: no step
+            p["step"], p["peak"] = p["load"], p["load"]
+        m = 2**20
+        lines.append(f"| {r['shape']} | {r['spec']} | {p['load'] / m:.0f} / {p['step'] / m:.0f} | {p['peak'] / m:.0f} | "
+                     f"{r['measured'] / m:.0f} | {r['measured'] / p['peak']:.2f} |")
+    return "\n".join(lines)
+
+
+def runs_from_bench_1b(path: str, rows: int = 8, prompt_len: int = 8, response_len: int = 16) -> list[dict]:
+    """The pefrl and loader runs of a scripts/bench_1b.py --out JSONL file, for check()."""
+    import json
+
+    out = []
+    for line in open(path):
+        rec = json.loads(line)
+        res = rec["result"]
+        if "failed" in res or rec["spec"].split(":")[0] not in ("pefrl", "load"):
+            continue
+        out.append({"shape": rec["shape"], "spec": rec["spec"], "rows": rows, "seq_len": prompt_len + response_len,
+                    "response_len": response_len, "measured": res["peak_rss_bytes"],
+                    "imports": res["rss_after_imports_bytes"]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", help="a scripts/bench_1b.py --out JSONL: predicted vs measured peak RSS")
+    p.add_argument("--run", action="append", default=[], help="one more measured run for --check: "
+                   "SHAPE:SPEC:ROWSxSEQ:RESPONSE:MEASURED_MIB:IMPORTS_MIB, SPEC as bench_1b (colons as /)")
     p.add_argument("--gen-batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=16)
     a = p.parse_args(argv)
+    if a.check or a.run:
+        runs = runs_from_bench_1b(a.check) if a.check else []
+        for spec in a.run:
+            shape, sp, rows_seq, resp, measured, imports = spec.split(":")
+            rows, seq = map(int, rows_seq.split("x"))
+            runs.append({"shape": shape, "spec": sp.replace("/", ":"), "rows": rows, "seq_len": seq,
+                         "response_len": int(resp), "measured": float(measured) * 2**20,
+                         "imports": float(imports) * 2**20})
+        print(check(runs))
+        return 0
     print(table(Workload(a.gen_batch, a.seq_len, a.micro_batch, a.lora_r)))
     return 0
 

@@ -51,11 +51,15 @@ def test_kv_cache_and_logits():
     assert mm.logits_bytes(LLAMA_1B, 2, 10, chunk=4) == 12 * 2 * 4 * 128_256
 
 
-def test_checkpointing_keeps_one_input_per_layer_plus_one_layer():
+def test_activations_with_lora_without_and_checkpointed():
     s = mm.Shape("llama", hidden=8, layers=3, heads=2, kv_heads=1, intermediate=16, vocab=10, tied=True)
-    per_layer = 6 * 8 + 2 * 4 + 4 * 16  # 120 elements per token
-    assert mm.activation_bytes(s, 1, 1, elem=2) == 2 * 3 * per_layer
-    assert mm.activation_bytes(s, 1, 1, elem=2, checkpointing=True) == 2 * (3 * 8 + per_layer)
+    # kv = 1 head x 4 dims; with LoRA r=2: 6*8 + 2*4 + 4*16 + 7*2 = 48 + 8 + 64 + 14 = 134 elements per token, layer
+    assert mm.activation_bytes(s, 1, 1, elem=2, lora_r=2) == 2 * 3 * 134
+    assert mm.activation_bytes(s, 2, 5, elem=2, lora_r=2) == 10 * 2 * 3 * 134  # linear in B x T
+    # frozen base, no adapters: 4.5*8 + 2*4 + 3*16 = 36 + 8 + 48 = 92
+    assert mm.activation_bytes(s, 1, 1, elem=4, lora_r=None) == 4 * 3 * 92
+    # checkpointing: one h-wide input per layer (3 x 8) + one layer's full set (134)
+    assert mm.activation_bytes(s, 1, 1, elem=2, checkpointing=True, lora_r=2) == 2 * (24 + 134)
 
 
 def test_pefrl_shares_one_base_and_trl_ppo_holds_four_models():
