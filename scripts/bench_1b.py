@@ -191,26 +191,47 @@ def run_one(a: argparse.Namespace, spec: str, model: Path, prompts: Path) -> dic
         return child_run(cmd, log, cap, {"PYTHONPATH": f"{bench.ROOT}:{BNB_DIR}"})
     import tempfile
 
+    # mmapNm: glibc gives every block over N MiB its own mmap, returned to the system when freed (setting the
+    # threshold also turns off glibc's dynamic threshold, which otherwise rises to 32 MiB after large frees)
+    env = {"MALLOC_MMAP_THRESHOLD_": str(int(l[4:-1]) * 2**20) for l in levers if l.startswith("mmap")}
     with tempfile.TemporaryDirectory(prefix="pefrl-bench1b-") as out_dir:
-        return child_run(pefrl_command(a, algo, quant, levers, model, prompts, out_dir), log, cap)
+        return child_run(pefrl_command(a, algo, quant, levers, model, prompts, out_dir), log, cap, env)
 
 
-def row(spec: str, r: dict, floor: dict | None) -> str:
+STAGES = ("load", "generate", "score", "reference", "train")
+HEADER = ["| base | run | peak RSS (MiB) | above floor (MiB) | CPU s/step | wall s (all) | peak by stage: " +
+          " / ".join(STAGES) + " (MiB) |", "|---|---|---|---|---|---|---|"]
+
+
+def row(shape: str, spec: str, r: dict, floor: dict | None) -> str:
+    """One table row: peak RSS, growth above the floor of the same quantization, CPU s per step (the first
+    step left out when there are more), and pefrl's peak by stage."""
     if "failed" in r:
-        return f"| {spec} | {r['failed']} (max RSS seen {r['max_rss_seen_bytes'] / 2**20:.0f} MiB) | | | |"
+        return f"| {shape} | {spec} | {r['failed']} (max RSS seen {r['max_rss_seen_bytes'] / 2**20:.0f} MiB) | | | | |"
     peak = r["peak_rss_bytes"] / 2**20
     cpu = r.get("step_cpu_s") or []
-    kept = cpu[1:] or cpu  # first step dropped when there are more
+    kept = cpu[1:] or cpu
     growth = "-" if not floor or "failed" in floor else f"{peak - floor['peak_rss_bytes'] / 2**20:.0f}"
-    return (f"| {spec} | {peak:.0f} | {growth} | {sum(kept) / len(kept):.1f} | {r.get('wall_s', 0):.0f} |"
-            if cpu else f"| {spec} | {peak:.0f} | - | - | {r.get('wall_s', 0):.0f} |")
+    stages = r.get("stage_peak_rss_bytes") or {}
+    by_stage = " / ".join(f"{stages[k] / 2**20:.0f}" if k in stages else "-" for k in STAGES) if stages else "-"
+    step = f"{sum(kept) / len(kept):.1f}" if kept else "-"
+    return f"| {shape} | {spec} | {peak:.0f} | {growth} | {step} | {r.get('wall_s', 0):.0f} | {by_stage} |"
+
+
+def table_from(path: str) -> str:
+    """The table of every run in a --out JSONL file; floors (floor:-:QUANT[:preq] runs) matched by base, quant
+    and checkpoint."""
+    recs = [json.loads(l) for l in open(path) if l.strip()]
+    key = lambda r: (r["shape"], r["spec"].split(":")[2], "preq" in r["spec"])  # a pre-quantized run: its own floor
+    floors = {key(r): r["result"] for r in recs if r["spec"].startswith("floor:")}
+    return "\n".join(HEADER + [row(r["shape"], r["spec"], r["result"], floors.get(key(r))) for r in recs])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(BUILDABLE))
     p.add_argument("--runs", default="pefrl:ppo:4bit,pefrl:grpo:4bit,pefrl:ppo:bf16,pefrl:grpo:bf16,trl:grpo:4bit,"
-                   "trl:ppo:4bit", help="side:algo:quant[:lever+lever] (levers: gc, chunkN, hf, preq: a pre-quantized checkpoint), comma-separated")
+                   "trl:ppo:4bit", help="side:algo:quant[:lever+lever] (levers: gc, chunkN, hf, mmapNm, preq: a pre-quantized checkpoint), comma-separated")
     p.add_argument("--floor", action="store_true", help="also the floor at 4-bit and bf16 (bench.child_floor)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2, help="prompts per step (PPO: batch_size x num_samples)")
@@ -218,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--cap-gb", type=float, default=20.0, help="kill a run whose RSS passes this (GiB)")
     p.add_argument("--out", help="append each result as a JSON line here")
+    p.add_argument("--table-from", help="print the table of an earlier --out JSONL file and exit")
     p.add_argument("--child-load", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     # the rest of what bench.pefrl_overrides / trl_args read, at bench.py's defaults
@@ -229,6 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.table_from:
+        print(table_from(a.table_from))
+        return 0
     if a.child_load:
         model, quant = a.child_load.rsplit(":", 1)
         child_load(model, quant)
@@ -237,19 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts = bench.write_prompts(bench.CACHE / "prompts-1b.jsonl", a.steps * a.batch_size * a.num_samples)
     specs = [s for s in a.runs.split(",") if s]
     floor = {}
-    if a.floor:
-        for quant in ("4bit", "bf16"):
-            floor[quant] = run_one(a, f"floor:-:{quant}", model, prompts)
-            print(f"floor {quant}: {json.dumps(floor[quant])}", flush=True)
-    lines = ["| run | peak RSS (MiB) | above floor (MiB) | CPU s/step | wall s (all) |", "|---|---|---|---|---|"]
-    for spec in specs:
+    for spec in ([f"floor:-:{q}" for q in ("4bit", "bf16")] if a.floor else []) + specs:
         r = run_one(a, spec, model, prompts)
+        if spec.startswith("floor:"):
+            floor[spec.split(":")[2]] = r
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps({"shape": a.shape, "spec": spec, "result": r}) + "\n")
-        lines.append(row(spec, r, floor.get(spec.split(":")[2])))
-        print(lines[-1], flush=True)
-    print("\n".join(lines))
+        print(row(a.shape, spec, r, floor.get(spec.split(":")[2])), flush=True)
     return 0
 
 

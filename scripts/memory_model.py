@@ -230,12 +230,12 @@ def cpu_peak_bytes(s: Shape, quant: str, rows: int, seq_len: int, response_len: 
     quant: fp32 | bf16 (activations in that dtype) | 4bit | 8bit (bf16 compute). imports: RSS after imports
     (measured). Loading maps the whole checkpoint file (`file_bytes`, default bf16: 2 bytes a parameter) and,
     for a quantized base, builds the quantized copy (non-quantized weights still bf16) while the file is
-    mapped; an unquantized base in the file's dtype *is* the mapping. Then the step: the base (quantized:
+    mapped; an unquantized base in the file's dtype, or a pre-quantized checkpoint, *is* the mapping. Then the step: the base (quantized:
     embeddings and norms upcast to fp32), trainable state, and one pass's activations and logits."""
     elem = 4 if quant == "fp32" else 2
     if file_bytes is None:
         file_bytes = base_bytes(s, quant, other_bytes=2) if prequantized else 2 * s.params
-    if quant in ("4bit", "8bit"):
+    if quant in ("4bit", "8bit") and not prequantized:
         load = file_bytes + base_bytes(s, quant, other_bytes=2)
     else:
         load = max(file_bytes, base_bytes(s, quant))

@@ -98,3 +98,15 @@ def test_floor_child_loads_the_base_and_backpropagates_once(tmp_path, capsys):
     assert capsys.readouterr().out.count("BENCH_JSON ") == 1
     results = {"ppo": {"pefrl": {"peak_rss_mib": 500.0}, "trl": {"peak_rss_mib": 625.0}}}
     assert "| ppo | 625 | 0.64 | 0.80 |" in bench.floor_table(results, 400.0)  # 400/625, 500/625
+
+
+def test_stage_peaks_attribute_a_transient_allocation_to_its_stage():
+    peaks = bench.StagePeaks()
+    peaks.mark("before")
+    block = bytearray(300 * 2**20)  # touched: resident
+    del block
+    peaks.mark("alloc")  # the 300 MiB peak belongs here, though the block is freed
+    peaks.mark("after")  # the peak restarted from the current RSS
+    assert peaks.peaks["alloc"] - peaks.peaks["before"] > 250 * 2**20
+    assert peaks.peaks["alloc"] - peaks.peaks["after"] > 250 * 2**20
+    assert peaks.overall == max(peaks.peaks.values())

@@ -70,3 +70,18 @@ def test_pefrl_shares_one_base_and_trl_ppo_holds_four_models():
     assert mm.trl_ppo_bytes(s, "4bit", w) - mm.trl_grpo_bytes(s, "4bit", w) >= 16 * s.params + mm.base_bytes(s, "4bit")
     assert mm.fits(0, 22 * mm.GiB, 1, 24) and not mm.fits(0, 22.1 * mm.GiB, 1, 24)
     assert mm.fits(8 * 70 * mm.GiB, 8 * mm.GiB, 8, 80)  # sharded: 70 + 8 per GPU
+
+
+def test_cpu_peak_counts_the_mapped_file_while_quantizing():
+    s = mm.Shape("llama", hidden=64, layers=1, heads=4, kv_heads=4, intermediate=128, vocab=100, tied=True)
+    # loading a bf16 file into 4-bit: the whole file (2 bytes a parameter) + the quantized copy, bf16 embeddings
+    p = mm.cpu_peak_bytes(s, "4bit", rows=1, seq_len=1, response_len=1, imports=1000.0)
+    assert p["load"] == pytest.approx(1000 + 2 * 47_552 + mm.base_bytes(s, "4bit", other_bytes=2))
+    # a pre-quantized checkpoint is the base itself: no bf16 file on top
+    q = mm.cpu_peak_bytes(s, "4bit", rows=1, seq_len=1, response_len=1, imports=1000.0, prequantized=True)
+    assert q["load"] == pytest.approx(1000 + mm.base_bytes(s, "4bit"))
+    # the step: base + two adapters and the value head (16 bytes each) + activations + logits
+    lora = mm.lora_params(s)
+    assert p["step"] == pytest.approx(1000 + mm.base_bytes(s, "4bit") + 16 * (2 * lora + 65)
+                                      + mm.activation_bytes(s, 1, 1, 2) + mm.logits_bytes(s, 1, 1))
+    assert p["peak"] == max(p["load"], p["step"])
