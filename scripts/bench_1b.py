@@ -198,7 +198,7 @@ def run_one(a: argparse.Namespace, spec: str, model: Path, prompts: Path) -> dic
         return child_run(pefrl_command(a, algo, quant, levers, model, prompts, out_dir), log, cap, env)
 
 
-STAGES = ("load", "generate", "score", "reference", "train")
+STAGES = ("load", "generate", "score", "reference", "train", "other")
 HEADER = ["| base | run | peak RSS (MiB) | above floor (MiB) | CPU s/step | wall s (all) | peak by stage: " +
           " / ".join(STAGES) + " (MiB) |", "|---|---|---|---|---|---|---|"]
 
