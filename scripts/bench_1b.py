@@ -241,8 +241,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="append each result as a JSON line here")
     p.add_argument("--table-from", help="print the table of an earlier --out JSONL file and exit")
     p.add_argument("--child-load", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    # the rest of what bench.pefrl_overrides / trl_args read, at bench.py's defaults
+    return with_bench_defaults(p.parse_args(argv))
+
+
+def with_bench_defaults(a: argparse.Namespace) -> argparse.Namespace:
+    """Add what bench.pefrl_overrides / trl_args read beyond a script's own flags, at bench.py's defaults."""
     d = bench.parse_args([])
     for k in ("epochs", "lr", "kl_coef", "lora_r", "lora_alpha", "target_modules", "seed", "threads", "pefrl_override"):
         setattr(a, k, getattr(d, k))

@@ -70,11 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", help="write the results as JSON here")
-    a = p.parse_args(argv)
-    d = bench.parse_args([])  # what bench.pefrl_overrides reads beyond these, at bench.py's defaults
-    for k in ("epochs", "lr", "kl_coef", "lora_r", "lora_alpha", "target_modules", "seed", "threads", "pefrl_override"):
-        setattr(a, k, getattr(d, k))
-    return a
+    return bench_1b.with_bench_defaults(p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
