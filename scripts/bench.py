@@ -149,8 +149,9 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def child_pefrl(overrides: list[str], threads: int) -> dict:
-    """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory."""
+def child_pefrl(overrides: list[str], threads: int, stage_peaks: bool = False) -> dict:
+    """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory;
+    stage_peaks: also the peak RSS of each stage (stage_peaks.StagePeaks: resets this process's VmHWM)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -162,16 +163,19 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
     cfg = load_config(None, overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    if str(ROOT / "scripts") not in sys.path:  # as a child, scripts/ is sys.path[0]; in the tests, not
-        sys.path.insert(0, str(ROOT / "scripts"))
-    from stage_peaks import StagePeaks
+    from contextlib import nullcontext
 
-    stages = StagePeaks()
-    stages.install()
+    stages = None
+    if stage_peaks:
+        from stage_peaks import StagePeaks  # scripts/ is sys.path[0] in the child
+
+        stages = StagePeaks()
     t0 = time.perf_counter()
-    train(cfg)
+    with stages.installed() if stages else nullcontext():
+        train(cfg)
     total = time.perf_counter() - t0
-    stages.mark("other")
+    if stages:
+        stages.mark("other")
     records = read_metrics(cfg.output_dir)
     keys = ("step_time_s", "gen_time_s", "score_time_s", "reference_time_s", "train_time_s")
     result = {
@@ -182,8 +186,8 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
         "gen_time_s": sum(r["gen_time_s"] for r in records),
         "gen_tokens": int(sum(r["response_length"] * cfg.rollout.num_sequences for r in records)),
         "rss_after_imports_bytes": rss_after_imports,
-        "peak_rss_bytes": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, stages.overall),
-        "stage_peak_rss_bytes": stages.peaks,
+        "peak_rss_bytes": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, stages.overall if stages else 0),
+        "stage_peak_rss_bytes": stages.peaks if stages else None,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
@@ -363,6 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--floor", action="store_true", help="also measure the memory floor of any transformers-based "
                    "trainer for this model and batch (child_floor) and print it against TRL's peak")
     p.add_argument("--child-pefrl", help=argparse.SUPPRESS)
+    p.add_argument("--stage-peaks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-floor", help=argparse.SUPPRESS)
     p.add_argument("--floor-shape", help=argparse.SUPPRESS)
     p.add_argument("--floor-dtype", default="float32", help=argparse.SUPPRESS)
@@ -373,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.child_pefrl:
-        child_pefrl(json.loads(a.child_pefrl), a.threads)
+        child_pefrl(json.loads(a.child_pefrl), a.threads, a.stage_peaks)
         return 0
     if a.child_floor:
         rows, length = map(int, a.floor_shape.split("x"))

@@ -164,7 +164,8 @@ def pefrl_command(a: argparse.Namespace, algo: str, quant: str, levers: list[str
     o += ["model.gradient_checkpointing=true"] if "gc" in levers else []
     o += [f"model.logits_chunk_size={l[5:]}" for l in levers if l.startswith("chunk")]
     o += ["rollout.engine=transformers"] if "hf" in levers else []  # transformers' generate for the rollout
-    return [sys.executable, str(bench.ROOT / "scripts" / "bench.py"), "--child-pefrl", json.dumps(o), "--threads", "1"]
+    return [sys.executable, str(bench.ROOT / "scripts" / "bench.py"), "--child-pefrl", json.dumps(o), "--threads", "1",
+            "--stage-peaks"]
 
 
 def run_one(a: argparse.Namespace, spec: str, model: Path, prompts: Path) -> dict:

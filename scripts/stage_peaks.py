@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -28,7 +30,9 @@ class StagePeaks:
         self.overall = max(self.overall, hwm)
         Path("/proc/self/clear_refs").write_text("5")
 
-    def install(self) -> None:
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """pefrl.trainer.Timer wrapped so each stage marks its peak, for the `with` block only."""
         import pefrl.trainer
 
         base, peaks = pefrl.trainer.Timer, self
@@ -49,3 +53,7 @@ class StagePeaks:
                 return _Span()
 
         pefrl.trainer.Timer = StageTimer
+        try:
+            yield
+        finally:
+            pefrl.trainer.Timer = base
