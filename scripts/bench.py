@@ -53,7 +53,7 @@ def prepare_tiny(out: Path, hidden_size: int = 96, num_layers: int = 2) -> Path:
     return out
 
 
-def prepare_reward_model(base: Path, seed: int = 1) -> Path:
+def prepare_reward_model(base: Path, seed: int = 1, dtype: str = "float32") -> Path:
     """A sequence-classification head (1 label, random, seeded) on `base`: TRL's PPO needs a reward model object,
     and pefrl's PPO side scores with the same directory (reward.model) so both pay for one RM forward."""
     out = CACHE / "models" / (base.name + "-rm")
@@ -64,7 +64,7 @@ def prepare_reward_model(base: Path, seed: int = 1) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=getattr(torch, dtype))
     model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -158,8 +158,9 @@ def peak_rss() -> int:
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, current_rss())
 
 
-def child_pefrl(overrides: list[str], threads: int) -> dict:
-    """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory."""
+def child_pefrl(overrides: list[str], threads: int, stage_peaks: bool = False) -> dict:
+    """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory;
+    stage_peaks: also the peak RSS of each stage (stage_peaks.StagePeaks: resets this process's VmHWM)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -171,9 +172,19 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
     cfg = load_config(None, overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    from contextlib import nullcontext
+
+    stages = None
+    if stage_peaks:
+        from stage_peaks import StagePeaks  # scripts/ is sys.path[0] in the child
+
+        stages = StagePeaks()
     t0 = time.perf_counter()
-    train(cfg)
+    with stages.installed() if stages else nullcontext():
+        train(cfg)
     total = time.perf_counter() - t0
+    if stages:
+        stages.mark("other")
     records = read_metrics(cfg.output_dir)
     keys = ("step_time_s", "gen_time_s", "score_time_s", "reference_time_s", "train_time_s")
     result = {
@@ -184,7 +195,8 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
         "gen_time_s": sum(r["gen_time_s"] for r in records),
         "gen_tokens": int(sum(r["response_length"] * cfg.rollout.num_sequences for r in records)),
         "rss_after_imports_bytes": rss_after_imports,
-        "peak_rss_bytes": peak_rss(),
+        "peak_rss_bytes": max(peak_rss(), stages.overall if stages else 0),
+        "stage_peak_rss_bytes": stages.peaks if stages else None,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
@@ -192,18 +204,23 @@ def child_pefrl(overrides: list[str], threads: int) -> dict:
     return result
 
 
-def child_floor(model: str, rows: int, length: int, threads: int) -> dict:
+def child_floor(model: str, rows: int, length: int, threads: int, dtype: str = "float32",
+                quantization: str | None = None) -> dict:
     """Inside a child: the least memory any trainer built on transformers holds for this model and batch. Import
     torch and transformers, load the frozen base with AutoModelForCausalLM and run one forward and backward of a
     step-sized batch (rows x length random tokens, gradients to the inputs only, as a LoRA backward through a
-    frozen base): no adapters, optimizer, reward or reference model, no generation. -> its peak RSS."""
+    frozen base): no adapters, optimizer, reward or reference model, no generation. -> its peak RSS.
+    dtype / quantization ('4bit', '8bit'): the base as the run being compared loads it."""
     import torch
 
     torch.set_num_threads(threads)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     rss_after_imports = current_rss()
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).requires_grad_(False)
+    quant = {} if quantization is None else {"device_map": {"": "cpu"}, "quantization_config": BitsAndBytesConfig(
+        load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit", bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=getattr(torch, dtype))}
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **quant).requires_grad_(False)
     base.enable_input_require_grads()
     ids = torch.randint(0, base.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
     base(input_ids=ids).logits.sum().backward()
@@ -359,19 +376,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--floor", action="store_true", help="also measure the memory floor of any transformers-based "
                    "trainer for this model and batch (child_floor) and print it against TRL's peak")
     p.add_argument("--child-pefrl", help=argparse.SUPPRESS)
+    p.add_argument("--stage-peaks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-floor", help=argparse.SUPPRESS)
     p.add_argument("--floor-shape", help=argparse.SUPPRESS)
+    p.add_argument("--floor-dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--floor-quantization", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.child_pefrl:
-        child_pefrl(json.loads(a.child_pefrl), a.threads)
+        child_pefrl(json.loads(a.child_pefrl), a.threads, a.stage_peaks)
         return 0
     if a.child_floor:
         rows, length = map(int, a.floor_shape.split("x"))
-        child_floor(a.child_floor, rows, length, a.threads)
+        child_floor(a.child_floor, rows, length, a.threads, a.floor_dtype, a.floor_quantization)
         return 0
     if a.table_from:  # summaries recomputed from the stored runs
         saved = json.loads(Path(a.table_from).read_text())

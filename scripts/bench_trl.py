@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="weights dtype of every model (the policy's compute dtype)")
+    p.add_argument("--quantization", choices=("4bit", "8bit"), help="the policy's base in bitsandbytes (QLoRA: "
+                   "nf4, double quant), as pefrl's model.quantization; PPO's value and reward models stay --dtype")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     return p.parse_args(argv)
 
 
@@ -159,10 +163,23 @@ def lora_config(args):
                       target_modules=args.target_modules.split(","), task_type="CAUSAL_LM")
 
 
+def quantized(args) -> dict:
+    """from_pretrained kwargs for --quantization, the same BitsAndBytesConfig as pefrl.models.quantization_config."""
+    if args.quantization is None:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=args.quantization == "4bit", load_in_8bit=args.quantization == "8bit",
+                           bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=getattr(torch, args.dtype))
+    return {"quantization_config": q, "device_map": {"": "cuda" if torch.cuda.is_available() else "cpu"}}
+
+
 def common_training_args(args, out_dir: str) -> dict:
     """HF TrainingArguments shared by the three trainers: fp32, no checkpointing, no saving, no reporting."""
     return dict(output_dir=out_dir, learning_rate=args.lr, seed=args.seed, report_to="none", save_strategy="no",
-                logging_steps=1, disable_tqdm=True, bf16=False, fp16=False, gradient_checkpointing=False,
+                logging_steps=1, disable_tqdm=True, bf16=False, fp16=False,
+                gradient_checkpointing=args.gradient_checkpointing,
                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, max_grad_norm=1.0,
                 gradient_accumulation_steps=1)
 
@@ -202,7 +219,7 @@ def build_ppo_trainer(args, model, tokenizer, prompts, out_dir, callback):
         raise ValueError("TRL's PPO samples one completion per prompt: use --num-samples 1")
     if not args.reward_model:
         raise ValueError("PPO needs --reward-model (a sequence-classification directory)")
-    dtype = torch.float32
+    dtype = getattr(torch, args.dtype)
     value_model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=dtype)
     reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, num_labels=1, dtype=dtype)
     for m in (value_model, reward_model):
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **quantized(args))
     gen, gc_timer = GenerateTimer(), GcTimer()
     callback = step_timer_callback(gc_timer)
     prompts = load_prompts(args.prompts, args.steps * args.batch_size)

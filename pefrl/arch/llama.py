@@ -41,7 +41,8 @@ def lora_linear(module: nn.Module, x: torch.Tensor, groups: Groups) -> torch.Ten
     for rows, name in groups:
         if name is not None and name in getattr(module, "lora_A", {}):
             A, B = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
-            y[rows].add_(F.linear(F.linear(x[rows], A), B), alpha=module.scaling[name])
+            # adapters are fp32 over a bf16/fp16 base: compute in theirs, add in the base's (as peft's forward)
+            y[rows].add_(F.linear(F.linear(x[rows].to(A.dtype), A), B).to(y.dtype), alpha=module.scaling[name])
     return y
 
 
