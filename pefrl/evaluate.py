@@ -4,23 +4,31 @@
 when env.name is set. `evaluate` scores held-out rows: greedy completions (mean reward, per
 reward function) and, with eval.num_samples k, pass@k and mean@k over k samples each. It is the one evaluation:
 the trainer's before, during and after training, `pefrl eval` and `pefrl.evaluate` all call it, and it needs
-no trainer (models, tokenizer, rows, config, scorer), so it can score any adapters.
+no trainer (models, tokenizer, rows, config, scorer), so it can score any adapters. `evaluate_run` is a saved
+run's evaluation (`pefrl eval RUN`, `pefrl.evaluate(run_dir)`): its config, base and adapters, then `evaluate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from pefrl.adapters_io import HEADS_FILE, load_adapters
 from pefrl.config import Config, RolloutConfig
+from pefrl.config_loader import load_config
 from pefrl.data import format_prompt, hold_out, load_rows, row_prompt
+from pefrl.envs import env_rewards
 from pefrl.envs import eval_rows as env_eval_rows
+from pefrl.errors import PathError
+from pefrl.export import check_finite_weights
 from pefrl.envs import play_rows
-from pefrl.models import Models
+from pefrl.models import Models, load_models, load_tokenizer
 from pefrl.ops.eval_stats import mean_at_k, pass_at_k
-from pefrl.rewards import Scorer, reduce_stats
+from pefrl.rewards import Scorer, build_scorer, reduce_stats, supply_rewards
 from pefrl.rollout import Rollout, generate
 from pefrl.scoring import sampler_requests
 
@@ -140,3 +148,63 @@ def _sampled_metrics(models: Models, tokenizer, rows: list[dict[str, Any]], cfg:
     sums = torch.stack([p.sum() for p in per_prompt] + [torch.tensor(len(rows), dtype=torch.float64)])  # (M + 1,)
     sums = reduce_sum(sums)
     return {name: (sums[j] / sums[-1].clamp(min=1)).item() for j, name in enumerate(names)}
+
+
+# --- a saved run's evaluation: `pefrl eval RUN`, `pefrl.evaluate(run_dir)` ---------------------------------
+
+
+def adapter_dir(run_dir: Path, adapter: str) -> Path | None:
+    """The directory holding the adapters (adapters_io.save_adapters layout) named by `adapter`: RUN_DIR/<adapter>,
+    e.g. final/, or a checkpoint's adapters/ (RUN_DIR/checkpoint-<step>/adapters), or <adapter> as a path.
+    None for 'none' (evaluate the base without adapters)."""
+    if adapter == "none":
+        return None
+    for base in (run_dir / adapter, Path(adapter).expanduser()):
+        for candidate in (base, base / "adapters"):
+            if (candidate / HEADS_FILE).is_file():
+                return candidate
+    raise PathError(f"no adapter directory {run_dir / adapter} (nor {adapter}) holding {HEADS_FILE}")
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "final", size: int | None = None,
+                 overrides: list[str] | tuple[str, ...] = (), rewards: list | tuple = (),
+                 num_samples: int | None = None) -> dict[str, Any]:
+    """The run's evaluation of its policy on `data` (default: the run's data.eval_prompts): greedy mean reward, per
+    reward function, and with num_samples k (default: the run's eval.num_samples) pass@1, pass@k and mean@k.
+    rewards: callables or 'module:fn' specs, each replacing the run's reward function of the same name
+    (rewards.supply_rewards): how a run trained with callables that cannot be re-imported is scored."""
+    run_dir = Path(run_dir).expanduser()
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise PathError(f"{config_path} does not exist: is {run_dir} a pefrl run directory?")
+    extra = [] if num_samples is None else [f"eval.num_samples={num_samples}"]
+    cfg = load_config(config_path, [*overrides, *extra])
+    if cfg.env.name:  # an environment run: held-out games, not prompts
+        if data:
+            raise ValueError(f"the run plays {cfg.env.name}; --data does not apply (use --size for the game count)")
+        source, rows = f"{cfg.env.name} (held-out games)", env_eval_rows(size or cfg.data.eval_size)
+    else:
+        source = data or cfg.data.eval_source
+        if data or source:
+            rows = load_rows(source, cfg.data, "--data" if data else "data.eval_prompts")
+        elif cfg.data.eval_holdout:  # the rows the run held out of data.prompts (drawn by train.seed)
+            source, rows = f"{cfg.data.prompts} (held out)", eval_rows(cfg)
+        else:
+            raise ValueError("no prompts: pass --data (the run has no data.eval_prompts nor data.eval_holdout)")
+        rows = rows[:size] if size else rows
+    weights = adapter_dir(run_dir, adapter)
+    if weights is not None:
+        check_finite_weights(weights)  # a diverged run's nan policy scores 0, which looks like a real result
+    code = [*cfg.reward.functions, *([cfg.env.name] if cfg.env.name else [])]
+    if code:  # a run directory is code: its config names Python that is imported and run here
+        print(f"pefrl eval: {config_path} makes this import and run: {', '.join(code)}", file=sys.stderr)
+    reward_cfg = supply_rewards(cfg.reward, rewards)
+    scorer = build_scorer(reward_cfg, env_rewards(cfg.env))  # before the model: a missing reward fails at once
+    tokenizer = load_tokenizer(cfg.model)
+    # No critic: evaluation only needs the policy; load_adapters skips the checkpoint's critic adapter.
+    models = load_models(cfg.model, cfg.lora, uses_critic=False)
+    if weights is not None:
+        load_adapters(models, weights)
+    models.model.eval()
+    metrics = evaluate(models, tokenizer, rows, cfg, scorer)
+    return {**metrics, "n": len(rows), "adapter": adapter, "data": source}

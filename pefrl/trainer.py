@@ -159,8 +159,8 @@ def train(
 ) -> dict[str, Any]:
     """Run cfg.train.steps RL steps; returns a summary (eval before/after, steps, seconds)."""
     run = run or setup(cfg, extra_rewards, prompt_source)
-    accelerator, algo, models, tokenizer, scorer = run.accelerator, run.algo, run.models, run.tokenizer, run.scorer
-    stream, held_out, kl_ctl, algo_state = run.stream, run.eval_rows, run.kl_ctl, run.algo_state
+    accelerator, algo, models, tokenizer = run.accelerator, run.algo, run.models, run.tokenizer
+    held_out, kl_ctl, algo_state = run.eval_rows, run.kl_ctl, run.algo_state
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # distinct samples per rank
     writer, summary = before_training(run)  # run files, config.yaml, trackers, the evaluation before training
@@ -171,24 +171,6 @@ def train(
                disable=not accelerator.is_main_process or not sys.stderr.isatty(),  # a log file: progress lines
                dynamic_ncols=True)
 
-    def draw(timer: Timer) -> Drawn | None:
-        """Stages 1-3 for one batch of prompts; None once the prompt source has ended."""
-        # 1. prompts: this rank's slice of the global batch, each prompt repeated k times (rows k*i..k*i+k-1)
-        global_rows = stream.next_batch(cfg.rollout.batch_size * world)
-        if global_rows is None:
-            return None
-        my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
-        my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
-
-        # 2. generate with the policy adapter (env.name: whole episodes, the environment answering each turn)
-        with timer("generate"):
-            texts, rollout, columns = play(models, tokenizer, my_rows, cfg, cfg.rollout, scores_too=True)
-
-        # 3. score: reward functions see the raw prompt text and every other column (episodes: env_reward)
-        with timer("score"):
-            scores, reward_stats = scorer(texts, rollout.completions, columns)
-        return Drawn(texts, rollout, columns, scores, reward_stats)
-
     for step in range(run.start_step, cfg.train.steps):
         timer = Timer()
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -196,11 +178,11 @@ def train(
         with RankGuard(accelerator, step):  # an error in stages 1-3 on any rank stops every rank, naming it
             # 1-3. prompts, generate, score (`draw`); dynamic sampling draws again while a prompt's rewards are all
             #      equal, overlong shaping adds the length penalty (pefrl/sampling_loop.py)
-            sampled = sample_batch(lambda: draw(timer), cfg, algo, tokenizer)
+            sampled = sample_batch(lambda: draw(run, timer), cfg, algo, tokenizer)
         if sampled is None:
             accelerator.print(f"prompt source ended after {step} steps")
             break
-        texts, rollout, scores, reward_stats = sampled.texts, sampled.rollout, sampled.scores, sampled.reward_stats
+        rollout, scores, reward_stats = sampled.rollout, sampled.scores, sampled.reward_stats
 
         # 4. old logprobs, reference logprobs and values: whatever the sampler did not already score
         with timer("reference"):
@@ -242,6 +224,27 @@ def train(
     summary["steps"] = steps_done
     summary["train_seconds"] = time.perf_counter() - t_start
     return after_training(run, summary)  # the evaluation after training, final/ adapters, summary.json
+
+
+def draw(run: Run, timer: Timer) -> Drawn | None:
+    """Stages 1-3 for one batch of prompts; None once the prompt source has ended."""
+    cfg, accelerator = run.cfg, run.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # 1. prompts: this rank's slice of the global batch, each prompt repeated k times (rows k*i..k*i+k-1)
+    global_rows = run.stream.next_batch(cfg.rollout.batch_size * world)
+    if global_rows is None:
+        return None
+    my_rows = global_rows[rank * cfg.rollout.batch_size : (rank + 1) * cfg.rollout.batch_size]
+    my_rows = [row for row in my_rows for _ in range(cfg.rollout.num_samples)]
+
+    # 2. generate with the policy adapter (env.name: whole episodes, the environment answering each turn)
+    with timer("generate"):
+        texts, rollout, columns = play(run.models, run.tokenizer, my_rows, cfg, cfg.rollout, scores_too=True)
+
+    # 3. score: reward functions see the raw prompt text and every other column (episodes: env_reward)
+    with timer("score"):
+        scores, reward_stats = run.scorer(texts, rollout.completions, columns)
+    return Drawn(texts, rollout, columns, scores, reward_stats)
 
 
 def before_training(run: Run) -> tuple[MetricsWriter, dict[str, Any]]:

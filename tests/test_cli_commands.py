@@ -120,7 +120,7 @@ def text_code(prompts, completions, **columns):
 def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     import torch
 
-    from pefrl.commands.eval import evaluate_run
+    from pefrl.evaluate import evaluate_run
     from pefrl.config import Config
     from pefrl.config_loader import save_config
     from pefrl.data import load_rows

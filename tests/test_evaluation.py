@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pefrl.cli import main
-from pefrl.commands.eval import evaluate_run
+from pefrl.evaluate import evaluate_run
 from pefrl.config import ConfigError
 from pefrl.config_loader import load_config
 from pefrl.data import load_rows

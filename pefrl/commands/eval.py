@@ -1,6 +1,7 @@
 """`pefrl eval RUN_DIR [--data PROMPTS] [--adapter final] [--size N] [--num-samples K] [dotted.key=value ...]`.
 
-Scores a trained policy on held-out prompts (or, for an env.name run, held-out games): loads RUN_DIR/config.yaml (the resolved config the run wrote),
+Scores a trained policy on held-out prompts (or, for an env.name run, held-out games) with evaluate.evaluate_run:
+loads RUN_DIR/config.yaml (the resolved config the run wrote),
 the base once, the adapters from RUN_DIR/<adapter> (`final`, a checkpoint directory, or `none` for the base
 itself, i.e. the reference; `best` for train.keep_best's), and runs the training-time evaluation
 (evaluate.evaluate) with the run's reward config. Prints one JSON object: {"reward_mean" (greedy),
@@ -12,84 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
-from typing import Any
-
-
-def adapter_dir(run_dir: Path, adapter: str) -> Path | None:
-    """The directory holding the adapters (adapters_io.save_adapters layout) named by `adapter`: RUN_DIR/<adapter>,
-    e.g. final/, or a checkpoint's adapters/ (RUN_DIR/checkpoint-<step>/adapters), or <adapter> as a path.
-    None for 'none' (evaluate the base without adapters)."""
-    from pefrl.adapters_io import HEADS_FILE
-
-    from pefrl.errors import PathError
-
-    if adapter == "none":
-        return None
-    for base in (run_dir / adapter, Path(adapter).expanduser()):
-        for candidate in (base, base / "adapters"):
-            if (candidate / HEADS_FILE).is_file():
-                return candidate
-    raise PathError(f"no adapter directory {run_dir / adapter} (nor {adapter}) holding {HEADS_FILE}")
-
-
-def evaluate_run(run_dir: str | Path, data: str | None = None, adapter: str = "final", size: int | None = None,
-                 overrides: list[str] | tuple[str, ...] = (), rewards: list | tuple = (),
-                 num_samples: int | None = None) -> dict[str, Any]:
-    """The run's evaluation of its policy on `data` (default: the run's data.eval_prompts): greedy mean reward, per
-    reward function, and with num_samples k (default: the run's eval.num_samples) pass@1, pass@k and mean@k.
-    rewards: callables or 'module:fn' specs, each replacing the run's reward function of the same name
-    (rewards.supply_rewards): how a run trained with callables that cannot be re-imported is scored."""
-    from pefrl.config_loader import load_config
-    from pefrl.data import load_rows
-    from pefrl.envs import env_rewards
-    from pefrl.envs import eval_rows as env_eval_rows
-    from pefrl.adapters_io import load_adapters
-    from pefrl.errors import PathError
-    from pefrl.evaluate import eval_rows, evaluate
-    from pefrl.export import check_finite_weights
-    from pefrl.models import load_models, load_tokenizer
-    from pefrl.rewards import build_scorer, supply_rewards
-
-    run_dir = Path(run_dir).expanduser()
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise PathError(f"{config_path} does not exist: is {run_dir} a pefrl run directory?")
-    extra = [] if num_samples is None else [f"eval.num_samples={num_samples}"]
-    cfg = load_config(config_path, [*overrides, *extra])
-    if cfg.env.name:  # an environment run: held-out games, not prompts
-        if data:
-            raise ValueError(f"the run plays {cfg.env.name}; --data does not apply (use --size for the game count)")
-        source, rows = f"{cfg.env.name} (held-out games)", env_eval_rows(size or cfg.data.eval_size)
-    else:
-        source = data or cfg.data.eval_source
-        if data or source:
-            rows = load_rows(source, cfg.data, "--data" if data else "data.eval_prompts")
-        elif cfg.data.eval_holdout:  # the rows the run held out of data.prompts (drawn by train.seed)
-            source, rows = f"{cfg.data.prompts} (held out)", eval_rows(cfg)
-        else:
-            raise ValueError("no prompts: pass --data (the run has no data.eval_prompts nor data.eval_holdout)")
-        rows = rows[:size] if size else rows
-    weights = adapter_dir(run_dir, adapter)
-    if weights is not None:
-        check_finite_weights(weights)  # a diverged run's nan policy scores 0, which looks like a real result
-    code = [*cfg.reward.functions, *([cfg.env.name] if cfg.env.name else [])]
-    if code:  # a run directory is code: its config names Python that is imported and run here
-        print(f"pefrl eval: {config_path} makes this import and run: {', '.join(code)}", file=sys.stderr)
-    reward_cfg = supply_rewards(cfg.reward, rewards)
-    scorer = build_scorer(reward_cfg, env_rewards(cfg.env))  # before the model: a missing reward fails at once
-    tokenizer = load_tokenizer(cfg.model)
-    # No critic: evaluation only needs the policy; load_adapters skips the checkpoint's critic adapter.
-    models = load_models(cfg.model, cfg.lora, uses_critic=False)
-    if weights is not None:
-        load_adapters(models, weights)
-    models.model.eval()
-    metrics = evaluate(models, tokenizer, rows, cfg, scorer)
-    return {**metrics, "n": len(rows), "adapter": adapter, "data": source}
 
 
 def run(args: argparse.Namespace) -> int:
+    from pefrl.evaluate import evaluate_run
+
     result = evaluate_run(args.run_dir, args.data, args.adapter, args.size, args.overrides, args.reward,
                           args.num_samples)
     print(json.dumps(result))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
