@@ -20,7 +20,8 @@ from pefrl.config import LoraConfig, ModelConfig
 from pefrl.config_loader import load_config
 from pefrl.models import POLICY, load_base, load_models
 from pefrl.startline import adapted_modules
-from pefrl.tiny import MODEL_TYPES, build_model, build_tokenizer
+from pefrl.tiny import MODEL_TYPES
+from test_models import save_tiny_models
 from pefrl.trainer import setup, train
 
 torch.set_num_threads(1)
@@ -49,14 +50,7 @@ def test_the_list_covers_every_family_tiny_builds():
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    tok = build_tokenizer()
-    dirs = {}
-    for arch in MODEL_TYPES:
-        d = tmp_path_factory.mktemp(arch)
-        build_model(arch, tok, hidden_size=32, num_layers=2).save_pretrained(d)
-        tok.save_pretrained(d)
-        dirs[arch] = d
-    return dirs
+    return save_tiny_models(tmp_path_factory, MODEL_TYPES)
 
 
 def _lora_modules(model) -> set[str]:

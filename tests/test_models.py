@@ -15,16 +15,21 @@ from tests.tolerances import assert_fp32_close
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
+def save_tiny_models(tmp_path_factory, archs) -> dict[str, str]:
+    """{arch: directory} of tiny models (hidden 32, 2 layers) sharing one BPE tokenizer, saved under tmp dirs."""
     tok = build_tokenizer()
     dirs = {}
-    for arch in ARCHS:
+    for arch in archs:
         d = tmp_path_factory.mktemp(arch)
         build_model(arch, tok, hidden_size=32, num_layers=2).save_pretrained(d)
         tok.save_pretrained(d)
         dirs[arch] = str(d)
     return dirs
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory, ARCHS)
 
 
 def _batch(model_dir):
