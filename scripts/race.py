@@ -285,8 +285,9 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> Path:
     return path
 
 
-def run_race(a: argparse.Namespace, contestants: list[Contestant], out: Path) -> tuple[dict, dict]:
-    """Train and evaluate every contestant, `--parallel` children at a time -> (points per contestant, raw runs).
+def run_race(a: argparse.Namespace, contestants: list[Contestant], out: Path) -> tuple[dict, dict, list[str]]:
+    """Train and evaluate every contestant, `--parallel` children at a time -> (points per contestant, raw runs,
+    a note per contestant that failed).
     Each contestant's evaluation follows its own training; the base is evaluated once, beside them."""
 
     def one(c: Contestant) -> tuple[dict, list[dict]]:
@@ -298,9 +299,15 @@ def run_race(a: argparse.Namespace, contestants: list[Contestant], out: Path) ->
         base = pool.submit(eval_contestant, a, "base", [None], out)
         jobs = {c.name: pool.submit(one, c) for c in contestants}
         base_eval = base.result()[0]
-        raw = {name: job.result() for name, job in jobs.items()}
+        raw, failed = {}, []
+        for name, job in jobs.items():
+            try:
+                raw[name] = job.result()
+            except RuntimeError as e:  # one contestant failing keeps the others' results (its log is named)
+                failed.append(f"{name}: failed, {str(e).splitlines()[0]}")
+                print(failed[-1], flush=True)
     points = {name: race_points(a, res, evals, base_eval) for name, (res, evals) in raw.items()}
-    return points, {name: res for name, (res, _) in raw.items()}
+    return points, {name: res for name, (res, _) in raw.items()}, failed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -310,14 +317,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", choices=list(DATA), help="smollm2: SmolLM2-135M-Instruct on "
                    "recipes/data/smollm_arith_*; tiny: the embedded model on builtin:arithmetic")
     p.add_argument("--tiny", action="store_true", help="same as --model tiny")
-    p.add_argument("--steps", type=int, default=12, help="RL steps per contestant")
-    p.add_argument("--save-every", type=int, default=4, help="steps between scored adapters")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per step (PPO: x num-samples prompts)")
+    p.add_argument("--steps", type=int, default=4, help="RL steps per contestant")
+    p.add_argument("--save-every", type=int, default=2, help="steps between scored adapters")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per step (PPO: x num-samples prompts)")
     p.add_argument("--num-samples", type=int, default=4, help="completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--minibatch-size", type=int, default=32, help="completions per optimizer step")
+    p.add_argument("--minibatch-size", type=int, default=8, help="completions per optimizer step")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warm-up, then constant")
     p.add_argument("--kl-coef", type=float, default=0.05)
@@ -327,8 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, default=50, help="held-out prompts scored")
     p.add_argument("--k", type=int, default=4, help="sampled completions per held-out prompt for pass@k")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child")
-    p.add_argument("--parallel", type=int, default=2, help="children at a time")
-    p.add_argument("--out", default=str(bench.CACHE / "race"), help="run directories, logs and race.json")
+    p.add_argument("--parallel", type=int, default=4, help="children at a time")
+    p.add_argument("--out", default=str(ROOT / "runs" / "race"), help="run directories, logs and race.json")
     p.add_argument("--plot", default=str(ROOT / "docs" / "images" / "race.png"))
     p.add_argument("--table-from", help="print the table of an earlier race.json (and redraw --plot) and exit")
     p.add_argument("--child-eval", help=argparse.SUPPRESS)
@@ -370,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"race: {[c.name for c in contestants]} on {a.model}, {a.steps} steps x {a.batch_size * a.num_samples} "
           f"samples, scored at steps {checkpoints(a)}" + "".join(f"\n  {n}" for n in notes), flush=True)
-    points, runs = run_race(a, contestants, out)
-    saved = {"args": vars(a), "notes": notes, "points": points, "runs": runs}
+    points, runs, failed = run_race(a, contestants, out)
+    saved = {"args": vars(a), "notes": notes + failed, "points": points, "runs": runs}
     (out / "race.json").write_text(json.dumps(saved, indent=1))
     report(saved, Path(a.plot))
     return 0
