@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -237,8 +238,10 @@ def verdict(results: dict[str, list[dict]], reference: str = "trl-grpo") -> list
     as a fraction of the reference's CPU seconds (goal: <= 0.5)."""
     if reference not in results:
         return []
-    final = results[reference][-1]
+    base, final = results[reference][0], results[reference][-1]
     lines = [f"{reference} final greedy accuracy {final['greedy']:.2f} after {final['cpu_s']:.0f} CPU s"]
+    if final["greedy"] <= base["greedy"]:  # then "reaching" it takes no learning at all
+        lines[0] += f", no better than the base's {base['greedy']:.2f}: the comparison says nothing about learning"
     for name, points in results.items():
         if name == reference:
             continue
@@ -250,11 +253,10 @@ def verdict(results: dict[str, list[dict]], reference: str = "trl-grpo") -> list
 
 
 def split_table(splits: dict[str, dict]) -> str:
-    """pefrl's step time split (median CPU-free wall seconds per step, metrics.jsonl) per pefrl contestant."""
+    """Where a pefrl step goes: median CPU seconds per step, and the median wall seconds of each stage
+    (metrics.jsonl: gen_time_s, score_time_s, reference_time_s, train_time_s) per pefrl contestant."""
     lines = ["| pefrl contestant | CPU s/step | generate (s) | score (s) | reference+values (s) | update (s) |",
              "|---|---|---|---|---|---|"]
-    import statistics
-
     for name, res in splits.items():
         s = {k: statistics.median(v) for k, v in res["split_s"].items()}
         lines.append(f"| {name} | {statistics.median(res['step_cpu_s']):.2f} | {s['gen_time_s']:.2f} | "

@@ -76,6 +76,8 @@ def test_verdict_table_and_plot(tmp_path):
     assert "grpo: reached it at step 1, 10 CPU s = 0.20 of trl-grpo's" in lines  # 0.5 first reached at 10 / 50
     assert "ppo: did not reach it within the budget" in lines
     assert "| grpo | 2 | 20 | 20.0 | 0.70 | 0.70 | 0.70 |" in race.table(results, 4)
+    flat = {"grpo": results["grpo"], "trl-grpo": _points([(0.2, 0.0), (0.1, 25.0), (0.2, 50.0)])}
+    assert "says nothing about learning" in race.verdict(flat)[0]  # TRL ended at the base's accuracy
     png = race.plot(results, tmp_path / "race.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
