@@ -253,14 +253,16 @@ def verdict(results: dict[str, list[dict]], reference: str = "trl-grpo") -> list
 
 
 def split_table(splits: dict[str, dict]) -> str:
-    """Where a pefrl step goes: median CPU seconds per step, and the median wall seconds of each stage
-    (metrics.jsonl: gen_time_s, score_time_s, reference_time_s, train_time_s) per pefrl contestant."""
-    lines = ["| pefrl contestant | CPU s/step | generate (s) | score (s) | reference+values (s) | update (s) |",
+    """Where a pefrl step goes: median CPU seconds per step, and each stage's share of the step's wall time
+    (metrics.jsonl: gen_time_s, score_time_s, reference_time_s, train_time_s, summed over the steps). Shares,
+    not seconds: on a shared machine every stage's wall time stretches with the load, its share much less."""
+    keys = ("gen_time_s", "score_time_s", "reference_time_s", "train_time_s")
+    lines = ["| pefrl contestant | CPU s/step | generate | score | reference+values | update |",
              "|---|---|---|---|---|---|"]
     for name, res in splits.items():
-        s = {k: statistics.median(v) for k, v in res["split_s"].items()}
-        lines.append(f"| {name} | {statistics.median(res['step_cpu_s']):.2f} | {s['gen_time_s']:.2f} | "
-                     f"{s['score_time_s']:.2f} | {s['reference_time_s']:.2f} | {s['train_time_s']:.2f} |")
+        totals = [sum(res["split_s"][k]) for k in keys]
+        shares = " | ".join(f"{t / sum(totals):.0%}" for t in totals)
+        lines.append(f"| {name} | {statistics.median(res['step_cpu_s']):.2f} | {shares} |")
     return "\n".join(lines)
 
 

@@ -116,3 +116,10 @@ def test_tiny_race_of_one_contestant(tmp_path, capsys):
     for p in points:
         assert 0.0 <= p["mean_at_k"] <= p["pass_at_k"] <= 1.0 and 0.0 <= p["greedy"] <= 1.0 and p["n"] == 6
     assert png.is_file() and "| grpo | 2 | 16 |" in capsys.readouterr().out
+
+
+def test_split_table_gives_each_stage_its_share_of_the_step():
+    # stage wall seconds summed over two steps: generate 2, update 4 of 6 -> 33% / 67%
+    run = {"step_cpu_s": [1.0, 3.0], "split_s": {"gen_time_s": [1.0, 1.0], "score_time_s": [0.0, 0.0],
+                                                 "reference_time_s": [0.0, 0.0], "train_time_s": [1.0, 3.0]}}
+    assert "| grpo | 2.00 | 33% | 0% | 0% | 67% |" in race.split_table({"grpo": run})
