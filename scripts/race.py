@@ -102,7 +102,8 @@ def shared_overrides(a: argparse.Namespace) -> list[str]:
 def pefrl_overrides(a: argparse.Namespace, c: Contestant, out_dir: Path) -> list[str]:
     o = shared_overrides(a) + [f"algo={c.algo}", f"output_dir={out_dir}", f"train.steps={a.steps}",
                                f"train.save_every={a.save_every}", f"train.keep_last={a.steps}",
-                               "train.overwrite=true", "train.eval_every=0", "data.eval_prompts=", f"train.log_every={a.steps}"]
+                               "train.overwrite=true", "train.eval_every=0", f"train.log_every={a.steps}",
+                               "data.eval_prompts="]  # no trainer evaluation: evaluate_adapters scores afterwards
     if c.algo == "ppo":
         o += [f"rollout.batch_size={a.batch_size * a.num_samples}", "rollout.num_samples=1"]
     return o + list(c.overrides)  # later keys win
@@ -192,8 +193,9 @@ def evaluate_adapters(overrides: list[str], adapters: list[str | None], k: int, 
             texts, rollout, columns = play(models, tokenizer, repeated[i : i + sampling.batch_size], cfg, sampling)
             scores.append(scorer(texts, rollout.completions, columns)[0])
         correct = torch.cat(scores).view(len(rows), k) >= 0.5  # (P, k)
-        results.append({"adapter": adapter, "greedy": greedy, "pass_at_k": pass_at_k(k, correct.sum(-1), k).mean().item(),
-                        "mean_at_k": mean_at_k(correct.float()).mean().item(), "n": len(rows), "k": k})
+        results.append({"adapter": adapter, "greedy": greedy, "n": len(rows), "k": k,
+                        "pass_at_k": pass_at_k(k, correct.sum(-1), k).mean().item(),
+                        "mean_at_k": mean_at_k(correct.float()).mean().item()})
     return results
 
 
@@ -219,7 +221,8 @@ def race_points(a: argparse.Namespace, train: dict, evals: list[dict], base: dic
     samples_per_step = a.batch_size * a.num_samples
     points = [{"step": 0, "samples": 0, "cpu_s": 0.0, **base}]
     for step, ev in zip(checkpoints(a), evals):
-        points.append({"step": step, "samples": step * samples_per_step, "cpu_s": sum(train["step_cpu_s"][:step]), **ev})
+        cpu_s = sum(train["step_cpu_s"][:step])
+        points.append({"step": step, "samples": step * samples_per_step, "cpu_s": cpu_s, **ev})
     return points
 
 

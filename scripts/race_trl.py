@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     class Saver(transformers.TrainerCallback):
         def on_step_end(self, a, state, control, model=None, **kw):
             if state.global_step % (args.save_every * per_rl) == 0:
-                model.save_pretrained(str(out_dir / f"checkpoint-{state.global_step // per_rl}" / "adapters" / "policy"))
+                step = state.global_step // per_rl  # RL steps, as pefrl numbers its checkpoints
+                model.save_pretrained(str(out_dir / f"checkpoint-{step}" / "adapters" / "policy"))
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = GRPOConfig(**bench_trl.common_training_args(args, tmp) | json.loads(args.schedule) | dict(
