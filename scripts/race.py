@@ -363,6 +363,10 @@ def report(saved: dict, plot_path: Path) -> None:
     splits = {n: r for n, r in saved["runs"].items() if "split_s" in r}
     if splits:
         print("\n" + split_table(splits))
+    for name, run in saved["runs"].items():
+        if "generate_share" in run:  # TRL: only generate() is timed apart from the whole step
+            print(f"{name}: generate {run['generate_share']:.0%} of the step's wall time, "
+                  f"{statistics.median(run['step_cpu_s']):.2f} CPU s/step")
     a = saved["args"]
     title = (f"{a['model']}: {a['batch_size']}x{a['num_samples']} samples/step, lr {a['lr']} constant, "
              f"kl {a['kl_coef']}, {a['eval_size']} held-out prompts")

@@ -5,8 +5,9 @@ config, training arguments, reward loader and step timer. Differences from the b
 at EOS (a learning race, not a fixed-length timing), the tokenizer's chat template is applied to the prompts
 (conversational dataset rows), every other dataset column (the answer) goes to the reward, the schedule is the
 one race.py passes (pefrl's: warm-up, then constant), and `--epochs` x (batch / minibatch) optimizer steps follow
-each generation (`steps_per_generation`, `num_iterations`). Prints one line `BENCH_JSON {"step_cpu_s": [...]}`:
-CPU seconds per RL step (the sum over its optimizer steps), adapters under OUT_DIR/checkpoint-<step>/adapters/policy.
+each generation (`steps_per_generation`, `num_iterations`). Prints one line `BENCH_JSON {"step_cpu_s": [...],
+"generate_share": ...}`: CPU seconds per RL step (the sum over its optimizer steps) and the share of the steps'
+wall time spent in generate(); adapters under OUT_DIR/checkpoint-<step>/adapters/policy.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_generation = completions // args.minibatch_size  # minibatches per generation batch
     per_rl = per_generation * args.epochs  # optimizer steps per RL step
     callback = bench_trl.step_timer_callback(bench_trl.GcTimer())
+    gen = bench_trl.GenerateTimer()  # wall seconds inside transformers' generate: TRL's sampling stage
     out_dir = Path(args.out_dir)
 
     class Saver(transformers.TrainerCallback):
@@ -92,9 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
                               processing_class=tokenizer, peft_config=bench_trl.lora_config(args),
                               callbacks=[callback, Saver()])
         trainer.train()
-    cpu = [c for _, _, c in callback.steps()]  # per optimizer step
+    wall, cpu = [w for w, _, _ in callback.steps()], [c for _, _, c in callback.steps()]  # per optimizer step
     result = {"side": "trl", "optimizer_steps_per_rl_step": per_rl, "lr_scheduler": cfg.lr_scheduler_type,
-              "step_cpu_s": [sum(cpu[i : i + per_rl]) for i in range(0, len(cpu), per_rl)]}
+              "step_cpu_s": [sum(cpu[i : i + per_rl]) for i in range(0, len(cpu), per_rl)],
+              "generate_share": gen.seconds / sum(wall)}
     print("BENCH_JSON " + json.dumps(result), flush=True)
     return result
 
