@@ -243,10 +243,15 @@ def measure_floor(a: argparse.Namespace, model: Path) -> float:
 def floor_table(results: dict[str, dict], floor_mib: float) -> str:
     lines = [f"Memory floor (transformers alone: the base loaded, one forward and backward of a step's batch): "
              f"{floor_mib:.0f} MiB peak RSS", "",
-             "| pair | TRL peak RSS (MiB) | floor / TRL | pefrl / TRL |", "|---|---|---|---|"]
+             "| pair | TRL peak RSS (MiB) | pefrl peak RSS (MiB) | floor / TRL | pefrl / TRL | TRL above floor (MiB) "
+             "| pefrl above floor (MiB) | pefrl / TRL above floor |", "|---|---|---|---|---|---|---|---|"]
     for algo, res in results.items():
-        trl = res["trl"]["peak_rss_mib"]
-        lines.append(f"| {algo} | {trl:.0f} | {floor_mib / trl:.2f} | {res['pefrl']['peak_rss_mib'] / trl:.2f} |")
+        trl, pefrl = res["trl"]["peak_rss_mib"], res["pefrl"]["peak_rss_mib"]
+        # growth above the floor: the memory a trainer adds to what transformers alone needs for the step
+        above = (trl - floor_mib, pefrl - floor_mib)
+        ratio = f"{above[1] / above[0]:.2f}" if above[0] > 0 else "-"
+        lines.append(f"| {algo} | {trl:.0f} | {pefrl:.0f} | {floor_mib / trl:.2f} | {pefrl / trl:.2f} | "
+                     f"{above[0]:.0f} | {above[1]:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
