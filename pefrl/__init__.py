@@ -4,9 +4,6 @@ Python API (docs/api.md): `pefrl.load_config`, `pefrl.train`, `pefrl.evaluate`, 
 on first use (module __getattr__), so `import pefrl` stays cheap: no torch, no transformers.
 """
 
-import sys
-import types
-
 __version__ = "0.1.0"
 __all__ = ["Config", "evaluate", "load_config", "train"]
 
@@ -25,17 +22,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule sets it as an attribute of its package, so a module pefrl/evaluate.py would replace
-    the function `pefrl.evaluate` once anything imports it. The API names win; `from pefrl.evaluate import x`
-    still finds the module in sys.modules."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -88,7 +88,7 @@ def evaluate(run_dir: str | Path, rewards: Sequence[RewardLike] = (), data: str 
     with num_samples k (default: the run's eval.num_samples). rewards: callables (or 'module:fn' strings)
     that replace the run's reward functions of the same name; a run trained with a callable that cannot be
     re-imported (defined in __main__, a lambda) needs it here."""
-    from pefrl.evaluate import evaluate_run
+    from pefrl.evaluation import evaluate_run
 
     rewards = [rewards] if callable(rewards) or isinstance(rewards, str) else list(rewards)
     return evaluate_run(run_dir, data, adapter, size, tuple(overrides), rewards, num_samples)

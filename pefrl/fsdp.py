@@ -143,6 +143,6 @@ def sharded_numel(param: torch.Tensor) -> tuple[int, int]:
 
 
 def trim_eval_rows(rows: list, world: int) -> list:
-    """Evaluation rows cut to a multiple of `world`: evaluate.evaluate gives rank r the rows r::world, and under
+    """Evaluation rows cut to a multiple of `world`: evaluation.evaluate gives rank r the rows r::world, and under
     FSDP every rank must run the same number of generate calls (each forward is a collective)."""
     return rows[: len(rows) - len(rows) % world]

@@ -66,7 +66,7 @@ class MetricsWriter:
     def write_samples(self, step: int, prompts: list[str], completions: list[str], scores: list[float],
                       n: int = 8) -> str:
         """Append the first n samples to samples.jsonl; return them as a text table for the console. prompts: as
-        the model saw them (after the chat template: evaluate.prompts_seen)."""
+        the model saw them (after the chat template: evaluation.prompts_seen)."""
         rows = list(zip(prompts, completions, scores))[:n]
         if self.enabled:
             with (self.path.parent / "samples.jsonl").open("a") as f:

@@ -1,7 +1,7 @@
 """The online RL loop: one flat function in numbered stages, the only place that touches the Accelerator.
 
     1. prompts     this rank's slice of the global batch, each repeated rollout.num_samples times
-    2. generate    evaluate.play: policy adapter, left-padded batches, KV cache (or environment episodes)
+    2. generate    evaluation.play: policy adapter, left-padded batches, KV cache (or environment episodes)
     3. score       the run's Scorer: reward functions and/or reward model -> scores (B,)
                    (1-3 are `draw`; sampling_loop.sample_batch calls it again for dynamic sampling, and shapes
                    overlong completions)
@@ -42,7 +42,7 @@ from pefrl.config import Config
 from pefrl.data import PromptStream, check_prompts, load_rows
 from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, seed_rows
-from pefrl.evaluate import eval_rows, evaluate, play, prompts_seen, split_rows
+from pefrl.evaluation import eval_rows, evaluate, play, prompts_seen, split_rows
 from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, load_models, load_tokenizer
@@ -288,7 +288,7 @@ def after_training(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluation(run: Run, step: int, keep: bool = False) -> dict[str, float]:
-    """The held-out evaluation (evaluate.evaluate) after `step` steps, as metrics.jsonl fields: eval_reward_mean,
+    """The held-out evaluation (evaluation.evaluate) after `step` steps, as metrics.jsonl fields: eval_reward_mean,
     eval_reward/<function>, eval_pass@k, ... keep: also let train.keep_best keep these adapters in best/ when
     they are the best so far. A collective."""
     cfg = run.cfg

@@ -28,7 +28,7 @@ from _launch import parse_config  # noqa: E402
 
 from pefrl.checkpoint import restore_rng, save_checkpoint  # noqa: E402
 from pefrl.distributed import RankGuard  # noqa: E402
-from pefrl.evaluate import play  # noqa: E402
+from pefrl.evaluation import play  # noqa: E402
 from pefrl.metrics import Timer, progress_line  # noqa: E402
 from pefrl.sampling_loop import Drawn, sample_batch  # noqa: E402
 from pefrl.scoring import score_rollout  # noqa: E402

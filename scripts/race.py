@@ -161,7 +161,7 @@ def adopt_peft_adapter(adapters_dir: Path) -> Path:
 def evaluate_adapters(overrides: list[str], adapters: list[str | None], k: int, seed: int) -> list[dict]:
     """Greedy accuracy, pass@k and mean@k on the held-out prompts for each adapter directory (None: the base).
 
-    pefrl.evaluate.evaluate gives the greedy mean reward; then each prompt is repeated k times and sampled at the
+    pefrl.evaluation.evaluate gives the greedy mean reward; then each prompt is repeated k times and sampled at the
     training temperature (seeded, the same for every adapter), and a completion counts as correct when its
     reward is >= 0.5 (both tasks score 0 or 1) for pefrl.ops.eval_stats.pass_at_k."""
     import dataclasses
@@ -170,7 +170,7 @@ def evaluate_adapters(overrides: list[str], adapters: list[str | None], k: int, 
 
     from pefrl.adapters_io import load_adapters
     from pefrl.config_loader import load_config
-    from pefrl.evaluate import eval_rows, evaluate, play
+    from pefrl.evaluation import eval_rows, evaluate, play
     from pefrl.models import load_models, load_tokenizer
     from pefrl.ops.eval_stats import mean_at_k, pass_at_k
     from pefrl.rewards import build_scorer

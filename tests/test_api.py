@@ -144,11 +144,14 @@ def test_unimportable_reward_must_be_given_again():
         supply_rewards(cfg, [lambda p, c: c])
 
 
-def test_import_pefrl_is_cheap_and_names_resist_submodules():
+def test_import_pefrl_is_cheap_and_no_submodule_shadows_an_api_name():
     out = subprocess.run([sys.executable, "-c", "import sys, pefrl; pefrl.load_config; "
                           "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"],
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
-    evaluate = pefrl.evaluate
-    setattr(pefrl, "evaluate", types.ModuleType("pefrl.evaluate"))  # what `import pefrl.evaluate` would do
-    assert pefrl.evaluate is evaluate and callable(pefrl.train)
+    # importing a submodule sets it as an attribute of the package: none may be named like an API function
+    import pefrl.evaluation  # noqa: F401  (the module behind pefrl.evaluate)
+
+    for name in pefrl.__all__:
+        assert not isinstance(getattr(pefrl, name), types.ModuleType), name
+    assert callable(pefrl.evaluate) and callable(pefrl.train) and callable(pefrl.load_config)

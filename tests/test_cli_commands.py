@@ -120,14 +120,14 @@ def text_code(prompts, completions, **columns):
 def test_eval_loads_the_runs_adapters(tmp_path, capsys):
     import torch
 
-    from pefrl.evaluate import evaluate_run
+    from pefrl.evaluation import evaluate_run
     from pefrl.config import Config
     from pefrl.config_loader import save_config
     from pefrl.data import load_rows
     from pefrl.adapters_io import save_adapters
     from pefrl.models import load_models, load_tokenizer
     from pefrl.tiny import build_model, build_tokenizer
-    from pefrl.evaluate import evaluate
+    from pefrl.evaluation import evaluate
 
     torch.set_num_threads(1)
     model_dir, run_dir = tmp_path / "base", tmp_path / "run"

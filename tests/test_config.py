@@ -158,6 +158,7 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
     from outside config.py (a derived property, e.g. rl.micro_batch_size, reads on its caller's behalf; saving
     or validating the config does not count) while one step of every algorithm, an environment run and a
     reward-model run with a checkpoint train, and while the 4-bit bitsandbytes config is built."""
+    from pefrl.data import load_rows
     from pefrl.models import quantization_config
     from pefrl.trainer import train
 
@@ -190,5 +191,8 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
     train(load_config(REPO / "recipes" / "configs" / f"{runs[0][0]}.yaml",
                       [f"output_dir={tmp_path / '0'}", "train.overwrite=true", *small, *runs[0][1]]))
     quantization_config(load_config(None, ["model.quantization=4bit"]).model)
+    # data.split is read where prompts come from a `datasets` source (a CSV here), which no recipe above uses
+    (tmp_path / "prompts.csv").write_text("prompt\n1+1=\n")
+    load_rows(str(tmp_path / "prompts.csv"), load_config(None, []).data)
     every = {f"{cls.__name__}.{f.name}" for cls in _config_sections() for f in dataclasses.fields(cls)}
     assert not sorted(every - reads), f"config fields never read outside config.py: {sorted(every - reads)}"

@@ -34,7 +34,7 @@ DRIVER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
-    import pefrl.evaluate as E
+    import pefrl.evaluation as E
     import pefrl.trainer as T
     from pefrl.config_loader import load_config
     from pefrl.adapters_io import save_adapters
@@ -64,7 +64,7 @@ DRIVER = textwrap.dedent("""
         return [float(mode == "rank1_skips")] * len(completions)
 
     if mode == "global_rows":
-        E.generate = global_generate  # what evaluate.play samples with
+        E.generate = global_generate  # what evaluation.play samples with
     run = T.setup(load_config(None, sys.argv[1:]), extra_rewards=[("probe", rank1_fails_at_step1)])
     print(f"rank {run.accelerator.process_index} of {run.accelerator.num_processes}", flush=True)
     T.train(run.cfg, run=run)

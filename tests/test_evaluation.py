@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from pefrl.cli import main
-from pefrl.evaluate import evaluate_run
+from pefrl.evaluation import evaluate_run
 from pefrl.config import ConfigError
 from pefrl.config_loader import load_config
 from pefrl.data import load_rows
-from pefrl.evaluate import evaluate
+from pefrl.evaluation import evaluate
 from pefrl.models import load_models, load_tokenizer
 from pefrl.ops.eval_stats import pass_at_k
 from pefrl.rewards import build_scorer

@@ -160,7 +160,7 @@ def test_max_logit_diff_keeps_a_nan():
 def test_export_and_eval_refuse_non_finite_weights_naming_the_tensor(base_dir, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from pefrl.evaluate import evaluate_run
+    from pefrl.evaluation import evaluate_run
 
     run, out = tmp_path / "run", tmp_path / "merged"
     _make_run(run, base_dir)

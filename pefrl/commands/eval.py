@@ -1,10 +1,10 @@
 """`pefrl eval RUN_DIR [--data PROMPTS] [--adapter final] [--size N] [--num-samples K] [dotted.key=value ...]`.
 
-Scores a trained policy on held-out prompts (or, for an env.name run, held-out games) with evaluate.evaluate_run:
+Scores a trained policy on held-out prompts (or, for an env.name run, held-out games) with evaluation.evaluate_run:
 loads RUN_DIR/config.yaml (the resolved config the run wrote),
 the base once, the adapters from RUN_DIR/<adapter> (`final`, a checkpoint directory, or `none` for the base
 itself, i.e. the reference; `best` for train.keep_best's), and runs the training-time evaluation
-(evaluate.evaluate) with the run's reward config. Prints one JSON object: {"reward_mean" (greedy),
+(evaluation.evaluate) with the run's reward config. Prints one JSON object: {"reward_mean" (greedy),
 "reward/<function>", "reward_failures", "reward_batch_retries", with --num-samples K (or eval.num_samples) also
 "pass@1", "pass@K", "mean@K"; then "n", "adapter", "data"}: the eval_* fields of the run's metrics.jsonl.
 """
@@ -16,7 +16,7 @@ import json
 
 
 def run(args: argparse.Namespace) -> int:
-    from pefrl.evaluate import evaluate_run
+    from pefrl.evaluation import evaluate_run
 
     result = evaluate_run(args.run_dir, args.data, args.adapter, args.size, args.overrides, args.reward,
                           args.num_samples)
