@@ -155,15 +155,21 @@ def child_load(model: str, quant: str) -> dict:
     return result
 
 
-def pefrl_command(a: argparse.Namespace, algo: str, quant: str, levers: list[str], model: Path, prompts: Path,
-                  out_dir: str) -> list[str]:
-    """bench.py's pefrl child with bench.pefrl_overrides, the base in bf16 (or `quant`), the rule reward, levers."""
+def pefrl_overrides_1b(a: argparse.Namespace, algo: str, quant: str, levers: list[str], model: Path, prompts: Path,
+                       out_dir: str) -> list[str]:
+    """bench.pefrl_overrides with the base in bf16 (or `quant`), the rule reward, and the levers."""
     o = bench.pefrl_overrides(a, algo, model, model, prompts, out_dir)
     o += ["model.dtype=bfloat16", f"model.quantization={'' if quant == 'bf16' else quant}", "reward.model=",
           f"reward.functions=[{bench.ROOT / 'scripts' / 'bench.py'}:bench_reward]"]
     o += ["model.gradient_checkpointing=true"] if "gc" in levers else []
     o += [f"model.logits_chunk_size={l[5:]}" for l in levers if l.startswith("chunk")]
-    o += ["rollout.engine=transformers"] if "hf" in levers else []  # transformers' generate for the rollout
+    return o + (["rollout.engine=transformers"] if "hf" in levers else [])  # transformers' generate for the rollout
+
+
+def pefrl_command(a: argparse.Namespace, algo: str, quant: str, levers: list[str], model: Path, prompts: Path,
+                  out_dir: str) -> list[str]:
+    """bench.py's pefrl child with pefrl_overrides_1b."""
+    o = pefrl_overrides_1b(a, algo, quant, levers, model, prompts, out_dir)
     return [sys.executable, str(bench.ROOT / "scripts" / "bench.py"), "--child-pefrl", json.dumps(o), "--threads", "1",
             "--stage-peaks"]
 

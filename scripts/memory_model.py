@@ -93,6 +93,18 @@ def base_bytes(s: Shape, quant: str = "bf16", other_bytes: float | None = None) 
     return linear * QUANT_BYTES[quant] + scales + other * other_bytes
 
 
+def fsdp_rank_base_bytes(s: Shape, world: int, elem: float = 2.0, gathered_layers: int = 1) -> float:
+    """Base weights one rank holds under pefrl's FSDP2 (pefrl/fsdp.py): 1/world of every decoder layer, the
+    embeddings, final norm (and an untied lm_head) replicated, plus `gathered_layers` whole layers all-gathered
+    while they run (reshard_after_forward frees each after its forward; backward gathers it again). An unsharded
+    base (world 1) is base_bytes. elem: bytes per weight (bf16: 2)."""
+    if world == 1:
+        return elem * s.params
+    layer = s.layer_linear_params + s.layer_other_params
+    replicated = s.embed_params + s.hidden  # + the final norm
+    return elem * (replicated + s.layers * layer / world + gathered_layers * layer)
+
+
 def lora_params(s: Shape, r: int = 16) -> int:
     """One LoRA adapter of rank r on all seven projections of every layer: A (r x in) + B (out x r)."""
     return s.layers * sum(r * (a + b) for a, b in s.linear_shapes())
@@ -225,13 +237,16 @@ def table(w: Workload = Workload()) -> str:
 
 def cpu_peak_bytes(s: Shape, quant: str, rows: int, seq_len: int, response_len: int, imports: float,
                    critic: bool = True, file_bytes: float | None = None, prequantized: bool = False,
-                   checkpointing: bool = False, chunk: int | None = None) -> dict:
+                   checkpointing: bool = False, chunk: int | None = None, fsdp_world: int = 1) -> dict:
     """Peak RSS of a pefrl run on a CPU, loading included (scripts/bench_1b.py, docs/benchmarks.md's runs).
     quant: fp32 | bf16 (activations in that dtype) | 4bit | 8bit (bf16 compute). imports: RSS after imports
     (measured). Loading maps the whole checkpoint file (`file_bytes`, default bf16: 2 bytes a parameter) and,
     for a quantized base, builds the quantized copy (non-quantized weights still bf16) while the file is
     mapped; an unquantized base in the file's dtype, or a pre-quantized checkpoint, *is* the mapping. Then the step: the base (quantized:
-    embeddings and norms upcast to fp32), trainable state, and one pass's activations and logits."""
+    embeddings and norms upcast to fp32), trainable state, and one pass's activations and logits.
+    fsdp_world > 1: the bf16 base sharded over that many ranks after loading (fsdp_rank_base_bytes); every rank
+    still loads the whole base first (pefrl does not implement fsdp_cpu_ram_efficient_loading), so the load term
+    is unchanged."""
     elem = 4 if quant == "fp32" else 2
     if file_bytes is None:
         file_bytes = base_bytes(s, quant, other_bytes=2) if prequantized else 2 * s.params
@@ -240,7 +255,10 @@ def cpu_peak_bytes(s: Shape, quant: str, rows: int, seq_len: int, response_len: 
     else:
         load = max(file_bytes, base_bytes(s, quant))
     adapters = lora_params(s) * (2 if critic else 1) + (s.hidden + 1 if critic else 0)
-    step = (base_bytes(s, quant) + trainable_bytes(adapters) + activation_bytes(s, rows, seq_len, elem, checkpointing)
+    if fsdp_world > 1 and quant not in ("bf16", "fp32"):
+        raise ValueError(f"fsdp_world={fsdp_world} with {quant}: pefrl refuses quantized bases under FSDP")
+    base = fsdp_rank_base_bytes(s, fsdp_world, elem) if fsdp_world > 1 else base_bytes(s, quant)
+    step = (base + trainable_bytes(adapters) + activation_bytes(s, rows, seq_len, elem, checkpointing)
             + logits_bytes(s, rows, response_len, chunk))
     return {"load": imports + load, "step": imports + step, "peak": imports + max(load, step)}
 
