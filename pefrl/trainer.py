@@ -22,6 +22,7 @@ statistic is taken over the batch (whitening and token_mean are per rank); see d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 import json
 import sys
@@ -100,7 +101,10 @@ def setup(
     extra_rewards: Sequence[tuple[str, Callable]] = (),
     prompt_source: Iterable[dict[str, Any]] | None = None,
 ) -> Run:
-    """Load the base once, add adapters, build reward, data, optimizer and KL controller."""
+    """Load the base once, add adapters, build reward, data, optimizer and KL controller. The run's config is
+    `run.cfg`: with prompts from Python, data.eval_prompts 'auto' means no evaluation set (never the builtin's)."""
+    if prompt_source is not None and cfg.data.eval_prompts == "auto":  # the user's prompts, not data.prompts
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_prompts=None))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.train.trackers or None,
                               project_dir=cfg.output_dir)
     check_supported(accelerator)  # DeepSpeed / Megatron would shard nothing here: stop, don't run unsharded
@@ -159,6 +163,7 @@ def train(
 ) -> dict[str, Any]:
     """Run cfg.train.steps RL steps; returns a summary (eval before/after, steps, seconds)."""
     run = run or setup(cfg, extra_rewards, prompt_source)
+    cfg = run.cfg  # as setup resolved it
     accelerator, algo, models, tokenizer = run.accelerator, run.algo, run.models, run.tokenizer
     held_out, kl_ctl, algo_state = run.eval_rows, run.kl_ctl, run.algo_state
     rank, world = accelerator.process_index, accelerator.num_processes

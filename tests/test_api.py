@@ -155,3 +155,18 @@ def test_import_pefrl_is_cheap_and_no_submodule_shadows_an_api_name():
     for name in pefrl.__all__:
         assert not isinstance(getattr(pefrl, name), types.ModuleType), name
     assert callable(pefrl.evaluate) and callable(pefrl.train) and callable(pefrl.load_config)
+
+
+def test_prompts_from_python_never_fall_back_to_the_builtin_eval_set(tmp_path):
+    """data.eval_prompts 'auto' follows data.prompts (builtin: its eval set); prompts passed in Python replace
+    data.prompts, so they must not be evaluated on the builtin arithmetic set (the user's reward may not fit it)."""
+    seen = []
+
+    def own(prompts, completions, **_):
+        seen.extend(prompts)
+        return [float(c.strip().isdigit()) for c in completions]
+
+    cfg = pefrl.load_config({**TINY, "output_dir": str(tmp_path / "run"), "train": {"steps": 1}})
+    summary = pefrl.train(cfg, rewards=[own], prompts=["what is 1+1?"] * 8)
+    assert "eval_before" not in summary and set(seen) == {"what is 1+1?"}
+    assert "eval_prompts: null" in (tmp_path / "run" / "config.yaml").read_text()
