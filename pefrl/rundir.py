@@ -80,11 +80,13 @@ def resolve_run(cfg: Config) -> Path | None:
         restarts = path is None and resume == "latest" and not (root / "final").exists()  # killed before a save
         if not (continues or restarts):
             why = {None: "a fresh run there would mix with it",
-                   "latest": "train.resume=latest found no checkpoint to continue (the run finished: final/)"}
+                   "latest": "train.resume=latest found no checkpoint to continue (the run finished: final/; "
+                             "train.save_every writes checkpoints)"}
+            go_on = "" if resume == "latest" else "Continue it with train.resume=latest, "
             raise RunDirError(
                 f"output_dir {root} already holds a pefrl run ({', '.join(found[:6])}): "
-                f"{why.get(resume, f'train.resume={resume} is not one of its checkpoints')}. Continue it with "
-                "train.resume=latest, replace it with train.overwrite=true (deletes pefrl's run files there, "
+                f"{why.get(resume, f'train.resume={resume} is not one of its checkpoints')}. {go_on}"
+                f"{'replace' if go_on else 'Replace'} it with train.overwrite=true (deletes pefrl's run files there, "
                 "nothing else), or choose another output_dir")
     if path is not None:
         check_resume_config(path.parent / "config.yaml", cfg)
