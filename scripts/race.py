@@ -159,43 +159,28 @@ def adopt_peft_adapter(adapters_dir: Path) -> Path:
 
 
 def evaluate_adapters(overrides: list[str], adapters: list[str | None], k: int, seed: int) -> list[dict]:
-    """Greedy accuracy, pass@k and mean@k on the held-out prompts for each adapter directory (None: the base).
-
-    pefrl.evaluation.evaluate gives the greedy mean reward; then each prompt is repeated k times and sampled at the
-    training temperature (seeded, the same for every adapter), and a completion counts as correct when its
-    reward is >= 0.5 (both tasks score 0 or 1) for pefrl.ops.eval_stats.pass_at_k."""
-    import dataclasses
-
-    import torch
-
+    """Greedy accuracy, pass@k and mean@k on the held-out prompts for each adapter directory (None: the base),
+    through pefrl's one evaluation (pefrl.evaluation.evaluate with eval.num_samples k: the k samples at the
+    training temperature from a generator seeded by train.seed, the same for every adapter; a completion counts
+    as correct when its reward is >= 0.5, both tasks scoring 0 or 1)."""
     from pefrl.adapters_io import load_adapters
     from pefrl.config_loader import load_config
-    from pefrl.evaluation import eval_rows, evaluate, play
+    from pefrl.evaluation import eval_rows, evaluate
     from pefrl.models import load_models, load_tokenizer
-    from pefrl.ops.eval_stats import mean_at_k, pass_at_k
     from pefrl.rewards import build_scorer
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, [*overrides, f"train.seed={seed}", f"eval.num_samples={k}", "eval.correct_threshold=0.5"])
     rows, scorer = eval_rows(cfg), build_scorer(cfg.reward)
     tokenizer = load_tokenizer(cfg.model)
     models = load_models(cfg.model, cfg.lora, uses_critic=False)  # LoRA B starts at zero: the base until loaded
     models.model.eval()
-    sampling = dataclasses.replace(cfg.rollout, num_samples=1)
     results = []
     for adapter in adapters:
         if adapter is not None:
             load_adapters(models, adapter)
-        greedy = evaluate(models, tokenizer, rows, cfg, scorer)
-        repeated = [row for row in rows for _ in range(k)]
-        torch.manual_seed(seed)
-        scores = []
-        for i in range(0, len(repeated), sampling.batch_size):
-            texts, rollout, columns = play(models, tokenizer, repeated[i : i + sampling.batch_size], cfg, sampling)
-            scores.append(scorer(texts, rollout.completions, columns)[0])
-        correct = torch.cat(scores).view(len(rows), k) >= 0.5  # (P, k)
-        results.append({"adapter": adapter, "greedy": greedy, "n": len(rows), "k": k,
-                        "pass_at_k": pass_at_k(k, correct.sum(-1), k).mean().item(),
-                        "mean_at_k": mean_at_k(correct.float()).mean().item()})
+        m = evaluate(models, tokenizer, rows, cfg, scorer)
+        results.append({"adapter": adapter, "greedy": m["reward_mean"], "n": len(rows), "k": k,
+                        "pass_at_k": m[f"pass@{k}"], "mean_at_k": m[f"mean@{k}"]})
     return results
 
 

@@ -258,7 +258,7 @@ def test_fresh_run_into_a_used_output_dir_is_refused_and_overwrite_deletes_only_
     # killed before its first checkpoint: resume=latest starts it again; once finished (final/), it refuses
     assert resolve_run(_cfg(out, "train.resume=latest")) is None
     (out / "final").mkdir()
-    with pytest.raises(RunDirError, match=r"found no checkpoint to continue \(the run finished: final/\)"):
+    with pytest.raises(RunDirError, match=r"found no checkpoint to continue \(the run finished: final/"):
         resolve_run(_cfg(out, "train.resume=latest"))
 
 
