@@ -241,12 +241,16 @@ def measure_floor(a: argparse.Namespace, model: Path) -> float:
 
 
 def floor_table(results: dict[str, dict], floor_mib: float) -> str:
+    """Each side's peak RSS beside its growth above the floor: the floor is what transformers itself needs for
+    this model and batch, so peak - floor is the memory the trainer adds, the part a trainer can change."""
     lines = [f"Memory floor (transformers alone: the base loaded, one forward and backward of a step's batch): "
              f"{floor_mib:.0f} MiB peak RSS", "",
-             "| pair | TRL peak RSS (MiB) | floor / TRL | pefrl / TRL |", "|---|---|---|---|"]
+             "| pair | pefrl peak RSS (MiB) | pefrl above floor (MiB) | TRL peak RSS (MiB) | TRL above floor (MiB) "
+             "| floor / TRL | pefrl / TRL |", "|---|---|---|---|---|---|---|"]
     for algo, res in results.items():
-        trl = res["trl"]["peak_rss_mib"]
-        lines.append(f"| {algo} | {trl:.0f} | {floor_mib / trl:.2f} | {res['pefrl']['peak_rss_mib'] / trl:.2f} |")
+        pefrl, trl = res["pefrl"]["peak_rss_mib"], res["trl"]["peak_rss_mib"]
+        lines.append(f"| {algo} | {pefrl:.0f} | {pefrl - floor_mib:.0f} | {trl:.0f} | {trl - floor_mib:.0f} | "
+                     f"{floor_mib / trl:.2f} | {pefrl / trl:.2f} |")
     return "\n".join(lines)
 
 

@@ -110,7 +110,8 @@ def test_floor_child_loads_the_base_and_backpropagates_once(tmp_path, capsys):
     assert result["peak_rss_bytes"] > 0 and result["rss_after_imports_bytes"] > 0
     assert capsys.readouterr().out.count("BENCH_JSON ") == 1
     results = {"ppo": {"pefrl": {"peak_rss_mib": 500.0}, "trl": {"peak_rss_mib": 625.0}}}
-    assert "| ppo | 625 | 0.64 | 0.80 |" in bench.floor_table(results, 400.0)  # 400/625, 500/625
+    # growth above the floor beside each peak: 500 - 400, 625 - 400; then 400/625, 500/625
+    assert "| ppo | 500 | 100 | 625 | 225 | 0.64 | 0.80 |" in bench.floor_table(results, 400.0)
 
 
 def test_stage_peaks_attribute_a_transient_allocation_to_its_stage():
