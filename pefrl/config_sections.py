@@ -24,14 +24,17 @@ class ModelConfig:
     """Weights dtype of the frozen base: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint to run. Off unless you trust the checkpoint."""
-    critic: str = "adapter"
-    """How the critic is built: 'adapter' (its own LoRA adapter 'critic' + value head) or 'shared' (value head
-    on the policy's last hidden state: one forward gives logprobs and values, cheapest)."""
+    critic: str = "shared"
+    """How the critic is built: 'shared' (value head on the policy's last hidden state: one forward gives
+    logprobs and values, cheapest) or 'adapter' (its own LoRA adapter 'critic' + value head). Shared is the
+    default: over 3 seeds on two tasks it was the cheapest and never collapsed, which the whole-trunk adapter
+    did once (docs/algorithms.md, "The critic")."""
     critic_layers: int | None = None
     """With critic 'adapter': put the critic's LoRA on the top N decoder layers only. Below them the critic is
     the frozen base, so its backward stops N layers from the top, and where the sampler runs the base as the
     reference anyway (pefrl engine, no reference_adapter) its forward starts from the hidden states those rows
-    computed there: about N/L of a forward and backward instead of a whole one. Empty: every layer."""
+    computed there: about N/L of a forward and backward instead of a whole one. Empty: every layer. Needs
+    model.critic: adapter set with it (the default critic is shared)."""
     reference_adapter: str | None = None
     """A LoRA-SFT adapter directory. When set, it is loaded frozen as the reference AND as the policy's start, so
     the reference is the SFT model, not the raw base."""

@@ -241,6 +241,8 @@ def measure_floor(a: argparse.Namespace, model: Path) -> float:
 
 
 def floor_table(results: dict[str, dict], floor_mib: float) -> str:
+    """Each side's peak RSS beside its growth above the floor: the floor is what transformers itself needs for
+    this model and batch, so peak - floor is the memory the trainer adds, the part a trainer can change."""
     lines = [f"Memory floor (transformers alone: the base loaded, one forward and backward of a step's batch): "
              f"{floor_mib:.0f} MiB peak RSS", "",
              "| pair | TRL peak RSS (MiB) | pefrl peak RSS (MiB) | floor / TRL | pefrl / TRL | TRL above floor (MiB) "

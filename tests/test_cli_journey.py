@@ -50,7 +50,7 @@ def test_train_prints_start_line_and_plain_steps_off_a_terminal(project, capsys)
     out, err = capsys.readouterr()
     assert re.search(r"^pefrl ppo: 1 process, cpu, float32, model \S+tiny-arith \(llama, 0\.59M params\), "
                      r"trainable 0\.\d\dM \(lora r=16 on 14 modules = 2 layers x \(q_proj, k_proj, v_proj, o_proj, gate_proj, "
-                     r"up_proj, down_proj\) \+ critic adapter \+ value head\)$", out, re.M)
+                     r"up_proj, down_proj\) \+ value head\)$", out, re.M)
     assert "step 1/2 | reward" in out and "step 2/2 | reward" in out
     assert "pefrl ppo" not in err and "step/s" not in err  # no progress bar of the loop
     saved = load_config(project / "runs" / "demo" / "config.yaml")

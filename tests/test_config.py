@@ -48,9 +48,10 @@ def test_bad_values_name_the_field(override, field):
 
 
 def test_critic_layers_need_a_critic_adapter():
-    assert load_config(None, ["model.critic_layers=2"]).model.critic_layers == 2
-    with pytest.raises(ConfigError, match=r"model\.critic_layers needs model\.critic: adapter"):
-        load_config(None, ["model.critic=shared", "model.critic_layers=2"])
+    assert load_config(None, ["model.critic=adapter", "model.critic_layers=2"]).model.critic_layers == 2
+    for overrides in (["model.critic=shared", "model.critic_layers=2"], ["model.critic_layers=2"]):  # default: shared
+        with pytest.raises(ConfigError, match=r"model\.critic_layers needs model\.critic: adapter"):
+            load_config(None, overrides)
 
 
 def test_group_algorithms_need_samples():

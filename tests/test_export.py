@@ -81,7 +81,7 @@ def test_merged_fp32_export_is_a_plain_model_within_1e_4(base_dir, tmp_path, cap
 
 def test_adapter_export_loads_with_peft_and_keeps_the_value_head(base_dir, tmp_path):
     run, out = tmp_path / "run", tmp_path / "adapter"
-    cfg = _make_run(run, base_dir)
+    cfg = _make_run(run, base_dir, "model.critic=adapter")
     assert main(["export", str(run), "--out", str(out), "--value-head"]) == 0
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     tok = AutoTokenizer.from_pretrained(out)

@@ -132,7 +132,7 @@ def test_ppo_trains_only_the_adapters_and_the_merged_export_reproduces_them(mode
     cfg = load_config(None, [
         "algo=ppo", f"model.name_or_path={model_dirs[arch]}", f"output_dir={run_dir}", "data.eval_prompts=",
         "reward.functions=[pefrl.tasks.arithmetic:exact_match]", "train.steps=2", "rollout.batch_size=4",
-        "rollout.max_new_tokens=4", "rl.minibatch_size=4", "lora.r=4", "train.lr=0.02"])
+        "rollout.max_new_tokens=4", "rl.minibatch_size=4", "lora.r=4", "train.lr=0.02", "model.critic=adapter"])
     run = setup(cfg)
     model = run.models.model
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}

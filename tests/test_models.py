@@ -206,7 +206,7 @@ def test_save_load_roundtrip_and_reference_adapter(model_dirs, tmp_path):
         load_adapters(_load(d, critic="shared"), tmp_path / "ckpt")
 
     # the saved policy as a LoRA-SFT start: reference = that adapter (frozen), policy initialized from it
-    sft = load_models(ModelConfig(name_or_path=d, reference_adapter=str(tmp_path / "ckpt" / "policy")),
+    sft = load_models(ModelConfig(name_or_path=d, critic="adapter", reference_adapter=str(tmp_path / "ckpt" / "policy")),
                       LoraConfig(r=4), uses_critic=True)
     assert sft.reference == "reference" and set(sft.model.peft_config) == {"policy", "reference", "critic"}
     assert all(".reference." not in n for n, p in sft.model.named_parameters() if p.requires_grad)
@@ -264,7 +264,7 @@ def test_bfloat16_base_with_gradient_checkpointing(model_dirs):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_critic_layers_adapt_only_the_top_layers(model_dirs, arch):
     models = _load(model_dirs[arch], critic="adapter")
-    models_top = load_models(ModelConfig(name_or_path=model_dirs[arch], critic_layers=1), LoraConfig(r=4), True)
+    models_top = load_models(ModelConfig(name_or_path=model_dirs[arch], critic="adapter", critic_layers=1), LoraConfig(r=4), True)
     every = [n for n, _ in models.model.named_parameters() if ".critic." in n]
     top = [n for n, _ in models_top.model.named_parameters() if ".critic." in n]
     assert models.critic_from is None and models_top.critic_from == 1  # tiny models have 2 layers
@@ -272,6 +272,6 @@ def test_critic_layers_adapt_only_the_top_layers(model_dirs, arch):
 
 
 def test_critic_layers_beyond_the_model_are_named(model_dirs):
-    cfg = ModelConfig(name_or_path=model_dirs["llama"], critic_layers=3)
+    cfg = ModelConfig(name_or_path=model_dirs["llama"], critic="adapter", critic_layers=3)
     with pytest.raises(ValueError, match="model.critic_layers is 3, but this llama has 2 layers"):
         load_models(cfg, LoraConfig(r=4), uses_critic=True)

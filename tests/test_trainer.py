@@ -198,7 +198,7 @@ def test_a_top_layers_critic_starts_from_the_samplers_hidden_states(tmp_path, mo
                         lambda self, *a: grads.append([p.grad.clone() for p in self.params]) or real_step(self, *a))
     mb, epochs = (8, 1) if one_pass else (4, 2)
     common = ["train.steps=1", "data.eval_prompts=null", "rollout.batch_size=8", f"rl.minibatch_size={mb}",
-              f"rl.epochs={epochs}", "model.critic_layers=1"]
+              f"rl.epochs={epochs}", "model.critic=adapter", "model.critic_layers=1"]
 
     def one_step(name):
         cfg = load_config("recipes/configs/arithmetic_ppo.yaml", [f"output_dir={tmp_path / name}", *common])
