@@ -52,7 +52,9 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any] | Config | None = N
         callables = {i: f for i, f in enumerate(functions) if callable(f)}
         raw["reward"] = {**raw["reward"], "functions": [f"<placeholder {i}>" if i in callables else f
                                                         for i, f in enumerate(functions)]}
-    cfg = from_dict(Config, apply_overrides(raw, tuple(overrides)))
+    from pefrl.algorithms import check_config
+
+    cfg = check_config(from_dict(Config, apply_overrides(raw, tuple(overrides))))
     cfg.reward.functions = [callables.get(i, f) if f == f"<placeholder {i}>" else f
                             for i, f in enumerate(cfg.reward.functions)]
     return cfg

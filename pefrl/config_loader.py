@@ -65,8 +65,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Config from a YAML file (or defaults) plus `dotted.key=value` overrides; strict about keys and types."""
+    from pefrl.algorithms import check_config  # the registry sits above the schema (and imports torch)
+
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
-    return from_dict(Config, apply_overrides(raw, overrides))
+    return check_config(from_dict(Config, apply_overrides(raw, overrides)))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

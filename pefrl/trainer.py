@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from pefrl.adapters_io import save_adapters
-from pefrl.algorithms import Algorithm, RolloutBatch, get_algorithm
+from pefrl.algorithms import Algorithm, RolloutBatch, check_config, get_algorithm
 from pefrl.arch import context_length
 from pefrl.checkpoint import TrainState, best_metric, keep_best, load_checkpoint, restore_rng, save_checkpoint
 from pefrl.config import Config
@@ -109,7 +109,7 @@ def setup(
                               project_dir=cfg.output_dir)
     check_supported(accelerator)  # DeepSpeed / Megatron would shard nothing here: stop, don't run unsharded
     resumed_from = resolve_run(cfg)  # None: fresh; refuses a used output_dir or a changed config before loading
-    algo = get_algorithm(cfg.algo)
+    algo = get_algorithm(check_config(cfg).algo)  # a Config built in Python, not loaded, is checked here
     check_dynamic_sampling(cfg, algo, accelerator.num_processes)  # one process, single-turn prompts
     sharded = fsdp_requested(accelerator)
     if sharded:

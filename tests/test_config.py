@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pefrl.config import ALGOS, Config, ConfigError
+from pefrl.algorithms import ALGORITHMS
+from pefrl.config import Config, ConfigError
 from pefrl.config_loader import load_config, reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
 
         monkeypatch.setattr(cls, "__getattribute__", getattribute)
     small = ["train.steps=1", "rollout.batch_size=4", "data.eval_size=4"]
-    runs = [(f"arithmetic_{algo}", [f"rl.minibatch_size={4 * (1 + (algo == 'grpo'))}"]) for algo in ALGOS]
+    runs = [(f"arithmetic_{algo}", [f"rl.minibatch_size={4 * (1 + (algo == 'grpo'))}"]) for algo in sorted(ALGORITHMS)]
     sampled_eval = ["eval.num_samples=2", "eval.temperature=0.7", "train.eval_every=1", "train.keep_best=eval_pass@2"]
     runs += [("arithmetic_dapo", ["rl.minibatch_size=4", "rl.overlong_buffer_len=2"]),  # the soft overlong penalty
              ("guessing_game", ["rl.minibatch_size=16"]),

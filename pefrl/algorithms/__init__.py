@@ -4,7 +4,7 @@ own `update`), with capability flags, in one file under pefrl/algorithms/, liste
 The trainer only calls `get_algorithm(cfg.algo)`, then `algo.targets(...)` once per rollout batch and
 `algo.loss(...)` per micro-batch; the loop, FSDP and the config read the flags (`uses_critic`, `single_update`,
 `needs_groups`, `fsdp_ok`, `dynamic_sampling`), never the name. Adding an algorithm = one file with an `ALGORITHM = Algorithm(...)`
-plus its line in `_BUILTIN` (and its name in config.ALGOS, the names a YAML file may use).
+plus its line in `_BUILTIN`: the config accepts every registered name (`check_config`).
 
 Which RLConfig fields each algorithm reads (reward shaping / advantage / loss):
 
@@ -29,8 +29,10 @@ from __future__ import annotations
 
 from pefrl.algorithms import a2c, cispo, dapo, grpo, gspo, ppo, reinforce, reinforce_pp, rloo, trpo
 from pefrl.algorithms.base import Algorithm, RolloutBatch, Targets, loss_inputs
+from pefrl.config import Config, ConfigError
 
-__all__ = ["ALGORITHMS", "Algorithm", "RolloutBatch", "Targets", "get_algorithm", "loss_inputs", "register"]
+__all__ = ["ALGORITHMS", "Algorithm", "RolloutBatch", "Targets", "check_config", "get_algorithm", "loss_inputs",
+           "register"]
 
 _BUILTIN = (ppo, a2c, reinforce, rloo, grpo, reinforce_pp, trpo, dapo, gspo, cispo)
 
@@ -43,6 +45,17 @@ def register(a: Algorithm) -> Algorithm:
         raise ValueError(f"algorithm {a.name!r} is already registered")
     ALGORITHMS[a.name] = a
     return a
+
+
+def check_config(cfg: Config) -> Config:
+    """What the schema cannot check without the registry (config.py sits below it): `algo` names a registered
+    algorithm, and one that needs groups gets rollout.num_samples >= 2. Returns cfg."""
+    if cfg.algo not in ALGORITHMS:
+        raise ConfigError(f"algo must be one of {sorted(ALGORITHMS)}, got {cfg.algo!r}")
+    if ALGORITHMS[cfg.algo].needs_groups and cfg.rollout.num_samples < 2:
+        raise ConfigError(f"algo {cfg.algo} needs rollout.num_samples >= 2 (a group baseline), "
+                          f"got {cfg.rollout.num_samples}")
+    return cfg
 
 
 def get_algorithm(name: str) -> Algorithm:
