@@ -82,7 +82,7 @@ def main(algo: str = "ppo") -> dict:
         if sampled is None:
             accelerator.print(f"prompt source ended after {step} steps")
             break
-        texts, rollout, scores, reward_stats = sampled.texts, sampled.rollout, sampled.scores, sampled.reward_stats
+        rollout, scores, reward_stats = sampled.rollout, sampled.scores, sampled.reward_stats
 
         # 4. without grad: old logprobs, reference logprobs (adapters off) and values, where the sampler
         #    did not already record them
