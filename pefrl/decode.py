@@ -36,6 +36,7 @@ from pefrl.arch import LogitsHead, positions_from_mask
 from pefrl.arch.llama import Groups, forward_cached, layers, new_cache
 from pefrl.config import RolloutConfig
 from pefrl.decode_generic import GenericStepper
+from pefrl.forward import shared_prompts
 from pefrl.models import POLICY, Models
 from pefrl.ops.logprobs import epsilon_mixture, step_policy, tempered
 
@@ -186,10 +187,32 @@ class LeanStepper:
         self.next_pos = positions[:, -1:] + 1  # (R, 1)
         return self.head(hidden), hidden, captured
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor):
-        """The prompts ids (R, P), left-padded (mask (R, P)): positions from the mask, as generate gives them."""
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The prompts ids (R, P), left-padded (mask (R, P)): positions from the mask, as generate gives them.
+        shared (first (U,), inverse (B,)), pefrl.forward.shared_prompts of one row group's prompts: each group
+        repeats them; the U distinct prompts run once per group and the cache is filled by expanding them."""
         self.cache.key_mask[:, : ids.shape[1]] = mask.bool()
-        return self._forward(ids, positions_from_mask(mask))
+        if shared is None:
+            return self._forward(ids, positions_from_mask(mask))
+        return self._prefill_shared(ids, mask, *shared)
+
+    def _prefill_shared(self, ids: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, inverse: torch.Tensor):
+        """Why: a group method samples each prompt num_samples times, and the prefill of R = copies x B rows of
+        long chat prompts is most of a short rollout's work; it costs U / B of that here."""
+        B, U, P = len(inverse), len(first), ids.shape[1]
+        copies = len(self.groups)  # row groups of B rows each: the policy's, the reference's
+        run = torch.cat([first + c * B for c in range(copies)])  # (copies * U,) rows that run
+        back = torch.cat([inverse + c * U for c in range(copies)])  # (R,) each row's row among them
+        groups = [(slice(c * U, (c + 1) * U), name) for c, (_, name) in enumerate(self.groups)]
+        capture = None if self.capture is None else (self.capture[0], slice(U, 2 * U))  # the reference rows
+        small = new_cache(self.lm, len(run), P, self.lm.model.embed_tokens.weight)
+        small.key_mask[:] = mask[run].bool()
+        positions = positions_from_mask(mask)  # (R, P)
+        hidden, captured = forward_cached(self.lm, ids[run], positions[run], small, 0, groups, capture)
+        for full, part in zip(self.cache.keys + self.cache.values, small.keys + small.values):
+            full[:, :, :P] = part[back]  # (R, kv_heads, P, D)
+        self.t, self.next_pos = P, positions[:, -1:] + 1
+        return self.head(hidden)[back], hidden[back], None if captured is None else captured[inverse]
 
     def step(self, tokens: torch.Tensor):
         """The next token of every row, tokens (R,): attended to from now on, as generate does, even a pad."""
@@ -234,7 +257,9 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
     copies = 2 if with_reference else 1
     N = cfg.max_new_tokens
     stepper, capturing = _stepper(models, engine, B, P + N, with_reference, with_values, with_critic_inputs)
-    logits, hidden, captured = stepper.prefill(query_ids.repeat(copies, 1), query_mask.repeat(copies, 1))
+    shared = shared_prompts(query_ids, query_mask) if engine == "lean" else None  # a group's samples
+    logits, hidden, captured = stepper.prefill(query_ids.repeat(copies, 1), query_mask.repeat(copies, 1),
+                                               *([shared] if shared is not None else []))
     critic_inputs = [captured]
     eos = torch.tensor(eos_ids, device=query_ids.device)
     finished = torch.zeros(B, dtype=torch.bool, device=query_ids.device)

@@ -9,6 +9,7 @@ and its value is read there too (the state before the action, as in lm-human-pre
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from pefrl.arch import LogitsHead, positions_from_mask
 from pefrl.arch.llama import upper_layers
@@ -20,7 +21,8 @@ def _response_hidden(models: Models, input_ids: torch.Tensor, attention_mask: to
     """Last hidden states at the positions that predict the response tokens: (B, T, H), T = L - P.
 
     Runs the trunk only (no lm_head), so no logits are computed for the prompt. Positions come from the mask
-    as in `generate`, so a left-padded prompt sees the same positions in both.
+    as in `generate`, so a left-padded prompt sees the same positions in both. Rows that share a prompt (a
+    group's samples) run it once: see `_shared_prompt_hidden`.
     """
     if not 0 < prompt_len < input_ids.shape[1]:
         raise ValueError(f"prompt_len must be in [1, {input_ids.shape[1] - 1}], got {prompt_len}")
@@ -29,11 +31,52 @@ def _response_hidden(models: Models, input_ids: torch.Tensor, attention_mask: to
     if trunk is None:
         raise NotImplementedError(f"{type(lm).__name__} has no trunk at .{lm.base_model_prefix}")
     position_ids = positions_from_mask(attention_mask)  # (B, L)
+    shared = shared_prompts(input_ids[:, :prompt_len], attention_mask[:, :prompt_len]) if _can_share(lm) else None
+    if shared is not None:
+        return _shared_prompt_hidden(trunk, input_ids, attention_mask, position_ids, prompt_len, *shared)
     out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     # contiguous: F.linear on the strided slice runs as a batched matmul against an expanded weight, which on CPU
     # took 2x the time of the plain matmul for the lm_head forward and backward (SmolLM2, 384 x 49152 logits)
     return out[0][:, prompt_len - 1 : -1].contiguous()  # (B, T, H)
 
+
+def shared_prompts(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows with the same (left-padded) prompt: (first (U,) the first row of each distinct prompt, inverse (B,)
+    the index into `first` of each row's prompt), or None when no two rows share one."""
+    rows = torch.cat([query_ids, query_mask.to(query_ids.dtype)], dim=1)  # (B, 2P): ids and padding alike
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
+    if len(distinct) == len(rows):
+        return None
+    order = torch.arange(len(rows), device=rows.device)
+    first = torch.full((len(distinct),), len(rows), device=rows.device).scatter_reduce(0, inverse, order, "amin")
+    return first, inverse
+
+
+def _can_share(lm) -> bool:
+    """The trunk can run a prompt once and its rows' responses on an expanded cache: not under activation
+    checkpointing (transformers drops the cache there) nor FSDP (its sharded forward is left as it is)."""
+    if getattr(lm, "is_activation_checkpointing", False):
+        return False
+    return not any(isinstance(p, DTensor) for p in lm.parameters())
+
+
+def _shared_prompt_hidden(trunk, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                          prompt_len: int, first: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """_response_hidden's (B, T, H) when rows repeat prompts (a group's samples): the U distinct prompts run once,
+    their KV cache is expanded to the B rows, then the responses run on it. The prompt's tokens cost U/B of the
+    full forward; autograd carries every row's gradient back through the shared prompt. Same math as the full
+    forward (tests/test_forward.py); the matmuls differ in shape, so the results agree to rounding."""
+    P = prompt_len
+    head = trunk(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                 position_ids=position_ids[first, :P], use_cache=True)
+    last = head[0][inverse, -1:]  # (B, 1, H): the prompt's last position predicts response token 0
+    if input_ids.shape[1] - 1 == P:  # one response token
+        return last
+    cache = head.cache
+    cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...) rows, a differentiable gather
+    tail = trunk(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+                 position_ids=position_ids[:, P:-1], cache=cache, use_cache=True)
+    return torch.cat([last, tail[0]], dim=1).contiguous()  # (B, T, H)
 
 
 def _logprobs(models: Models, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,

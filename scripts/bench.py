@@ -102,7 +102,7 @@ def write_prompts(path: Path, n: int) -> Path:
 def pefrl_overrides(a: argparse.Namespace, algo: str, model: Path, rm: Path, prompts: Path, out_dir: str) -> list[str]:
     """pefrl config overrides equivalent to what bench_trl.py gives TRL (see docs/benchmarks.md)."""
     batch, samples = (a.batch_size * a.num_samples, 1) if algo == "ppo" else (a.batch_size, a.num_samples)
-    o = [f"algo={algo}", f"output_dir={out_dir}", f"model.name_or_path={model}", "model.dtype=float32",
+    o = [f"algo={algo}", f"output_dir={out_dir}", f"model.name_or_path={model}", f"model.dtype={a.dtype}",
          f"lora.r={a.lora_r}", f"lora.alpha={a.lora_alpha}", "lora.dropout=0.0",
          f"lora.target_modules=[{a.target_modules}]", f"data.prompts={prompts}", "data.eval_prompts=",
          "data.chat_template='off'", f"rollout.batch_size={batch}", f"rollout.num_samples={samples}",
@@ -120,7 +120,7 @@ def trl_args(a: argparse.Namespace, algo: str, model: Path, rm: Path, prompts: P
             "--batch-size", str(batch), "--num-samples", str(samples), "--max-new-tokens", str(a.max_new_tokens),
             "--steps", str(a.steps), "--epochs", str(a.epochs), "--lr", str(a.lr), "--kl-coef", str(a.kl_coef),
             "--lora-r", str(a.lora_r), "--lora-alpha", str(a.lora_alpha), "--target-modules", a.target_modules,
-            "--seed", str(a.seed), "--threads", str(a.threads)]
+            "--seed", str(a.seed), "--threads", str(a.threads), "--dtype", a.dtype]
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -158,6 +158,30 @@ def peak_rss() -> int:
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, current_rss())
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each first touch of a freshly mapped page (a new large tensor
+    from mmap). Their cost per fault depends on the machine (a VM's nested paging, transparent huge pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class StepFaults:
+    """Minor page faults per pefrl step: counted between consecutive ends of steps (the first from mark())."""
+
+    def __init__(self):
+        self.last, self.per_step = 0, []
+
+    def mark(self) -> None:
+        self.last = minor_faults()
+
+    def wrap(self, step_timing):
+        def counted(*args, **kwargs):
+            now = minor_faults()
+            self.per_step.append(now - self.last)
+            self.last = now
+            return step_timing(*args, **kwargs)
+        return counted
+
+
 def child_pefrl(overrides: list[str], threads: int, stage_peaks: bool = False) -> dict:
     """Inside the child: train with pefrl, then report per-step times from metrics.jsonl and peak memory;
     stage_peaks: also the peak RSS of each stage (stage_peaks.StagePeaks: resets this process's VmHWM)."""
@@ -179,8 +203,13 @@ def child_pefrl(overrides: list[str], threads: int, stage_peaks: bool = False) -
         from stage_peaks import StagePeaks  # scripts/ is sys.path[0] in the child
 
         stages = StagePeaks()
+    import pefrl.trainer as trainer_module
+
+    faults = StepFaults()
+    trainer_module.step_timing = faults.wrap(trainer_module.step_timing)
     t0 = time.perf_counter()
     with stages.installed() if stages else nullcontext():
+        faults.mark()
         train(cfg)
     total = time.perf_counter() - t0
     if stages:
@@ -191,6 +220,7 @@ def child_pefrl(overrides: list[str], threads: int, stage_peaks: bool = False) -
         "side": "pefrl", "algo": cfg.algo, "steps": len(records), "train_seconds": total,
         "step_times_s": [r["step_time_s"] for r in records],
         "step_cpu_s": [r["step_cpu_s"] for r in records],
+        "step_minor_faults": faults.per_step,
         "split_s": {k: [r[k] for r in records] for k in keys[1:]},
         "gen_time_s": sum(r["gen_time_s"] for r in records),
         "gen_tokens": int(sum(r["response_length"] * cfg.rollout.num_sequences for r in records)),
@@ -309,6 +339,9 @@ def summarize(runs: list[dict], skip: int) -> dict:
         # spend ~all their wall time on CPU when alone, so this approximates the quiet-machine step time
         "median_step_cpu_s": statistics.median(t for r in runs for t in r["step_cpu_s"][skip:]),
         "n_steps": len(steps),
+        # first touches of freshly mapped pages: what a step costs more on a machine with slow page faults
+        "median_step_minor_faults": (statistics.median(f for r in runs for f in r["step_minor_faults"][skip:])
+                                     if all("step_minor_faults" in r for r in runs) else None),
         "mean_gen_tokens_per_step": tokens_per_step,
         # TRL's PPO runs gc.collect() twice a step; its cost depends on the Python heap, not on the model
         "median_step_without_gc_s": statistics.median(
@@ -327,7 +360,8 @@ def summarize(runs: list[dict], skip: int) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     lines = ["| pair | side | median step (s) | CPU s/step | gen tokens/step | tokens/s (step) | tokens/s (generate) | "
-             "peak RSS (MiB) | RSS growth (MiB) | CUDA peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS (MiB) | RSS growth (MiB) | CUDA peak (MiB) | page faults/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios = ["| pair | speed-up TRL/pefrl step time | same, TRL without its gc.collect | speed-up in CPU time per step "
               "| pefrl/TRL peak RSS | pefrl/TRL RSS growth | target |", "|---|---|---|---|---|---|---|"]
     names = {"ppo": "PPO vs TRL PPOTrainer (1.12)", "grpo": "GRPO vs TRL GRPOTrainer (1.16)",
@@ -339,7 +373,8 @@ def table(results: dict[str, dict]) -> str:
             lines.append(f"| {names[algo]} | {side} | {fmt(s['median_step_s'])} | {fmt(s.get('median_step_cpu_s'))} | "
                          f"{fmt(s['mean_gen_tokens_per_step'], '{:.0f}')} | {fmt(s['step_tokens_per_s'], '{:.0f}')} | "
                          f"{fmt(s['gen_tokens_per_s'], '{:.0f}')} | {fmt(s['peak_rss_mib'], '{:.0f}')} | "
-                         f"{fmt(s['rss_growth_mib'], '{:.0f}')} | {fmt(s['cuda_peak_mib'], '{:.0f}')} |")
+                         f"{fmt(s['rss_growth_mib'], '{:.0f}')} | {fmt(s['cuda_peak_mib'], '{:.0f}')} | "
+                         f"{fmt(s.get('median_step_minor_faults'), '{:.0f}')} |")
         p, t = res["pefrl"], res["trl"]
         target = ">= 2x faster, <= 0.6x memory" if algo == "ppo" else ">= 1.3x faster, <= 1.0x memory"
         no_gc = t.get("median_step_without_gc_s", t["median_step_s"]) / p["median_step_s"]
@@ -377,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-modules", default=LLAMA_TARGETS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="base weights and compute dtype on both sides (adapters stay fp32 on both: peft upcasts "
+                        "them, pefrl keeps them fp32); bfloat16 pays on CPUs with AVX512-BF16 / AMX")
     p.add_argument("--pefrl-override", action="append", default=[], help="extra pefrl dotted.key=value")
     p.add_argument("--out", help="write all runs and the summary as JSON here")
     p.add_argument("--table-from", help="print the tables of an earlier --out JSON and exit")

@@ -113,12 +113,13 @@ def step_timer_callback(gc_timer: GcTimer):
         first measured from on_train_begin)."""
 
         def __init__(self):
-            self.begin: tuple[float, float, float] | None = None  # (wall, gc seconds, cpu) at the step's start
-            self.spans: list[tuple[float, float, float]] = []  # (step seconds, gc seconds within it, cpu seconds)
-            self.marks: list[tuple[float, float, float]] = []
+            self.begin: tuple | None = None  # (wall, gc seconds, cpu, minor page faults) at the step's start
+            self.spans: list[tuple] = []  # (step seconds, gc seconds within it, cpu seconds, page faults)
+            self.marks: list[tuple] = []
 
-        def _now(self) -> tuple[float, float, float]:
-            return time.perf_counter(), gc_timer.seconds, time.process_time()
+        def _now(self) -> tuple[float, float, float, int]:
+            return (time.perf_counter(), gc_timer.seconds, time.process_time(),
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
         def on_train_begin(self, args, state, control, **kw):
             self.marks.append(self._now())
@@ -268,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
         total = time.perf_counter() - t0
     result = {
         "side": "trl", "trl_version": trl.__version__, "algo": args.algo, "steps": args.steps,
-        "step_times_s": [t for t, _, _ in callback.steps()], "step_gc_s": [g for _, g, _ in callback.steps()],
-        "step_cpu_s": [c for _, _, c in callback.steps()],
+        "step_times_s": [s[0] for s in callback.steps()], "step_gc_s": [s[1] for s in callback.steps()],
+        "step_cpu_s": [s[2] for s in callback.steps()], "step_minor_faults": [s[3] for s in callback.steps()],
         "train_seconds": total,
         "gen_time_s": gen.seconds, "gen_tokens": gen.tokens,
         "rss_after_imports_bytes": rss_after_imports,

@@ -323,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds: the whole race once per seed (under --out/seed-N), "
+                   "then the table, verdict and plot of the mean over seeds; overrides --seed")
     p.add_argument("--eval-size", type=int, default=50, help="held-out prompts scored")
     p.add_argument("--k", type=int, default=4, help="sampled completions per held-out prompt for pass@k")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child")
@@ -358,6 +360,34 @@ def report(saved: dict, plot_path: Path) -> None:
     print(f"\nplot: {plot(results, plot_path, title)}")
 
 
+def mean_points(per_seed: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Per contestant and scoring point, the mean over seeds of CPU seconds and every accuracy (contestants
+    present in every seed only). Steps and samples are the same in every seed."""
+    names = [n for n in per_seed[0] if all(n in r for r in per_seed)]
+    keys = ("cpu_s", "greedy", "pass_at_k", "mean_at_k")
+    return {n: [{**rows[0], **{k: statistics.fmean(r[k] for r in rows) for k in keys}}
+                for rows in zip(*(r[n] for r in per_seed))] for n in names}
+
+
+def run_seeds(a: argparse.Namespace, contestants: list[Contestant], notes: list[str], out: Path) -> dict:
+    """The race once per seed (--seeds), each under out/seed-N with its own race.json; -> the saved dict of
+    the mean over seeds, with every seed's points and runs kept under "seeds"."""
+    per_seed = {}
+    for seed in [int(x) for x in a.seeds.split(",")]:
+        a.seed = seed
+        seed_out = out / f"seed-{seed}"
+        seed_out.mkdir(parents=True, exist_ok=True)
+        points, runs, failed = run_race(a, contestants, seed_out)
+        saved = {"args": vars(a), "notes": notes + failed, "points": points, "runs": runs}
+        (seed_out / "race.json").write_text(json.dumps(saved, indent=1))
+        print(f"seed {seed}:\n{table(points, a.k)}\n" + "\n".join(verdict(points)), flush=True)
+        per_seed[seed] = saved
+    first = next(iter(per_seed.values()))
+    return {"args": vars(a), "notes": first["notes"] + [f"mean over seeds {a.seeds}"],
+            "points": mean_points([s["points"] for s in per_seed.values()]),
+            "runs": first["runs"], "seeds": {str(k): v["points"] for k, v in per_seed.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.child_eval:
@@ -373,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"race: {[c.name for c in contestants]} on {a.model}, {a.steps} steps x {a.batch_size * a.num_samples} "
           f"samples, scored at steps {checkpoints(a)}" + "".join(f"\n  {n}" for n in notes), flush=True)
-    points, runs, failed = run_race(a, contestants, out)
-    saved = {"args": vars(a), "notes": notes + failed, "points": points, "runs": runs}
+    if a.seeds:
+        saved = run_seeds(a, contestants, notes, out)
+    else:
+        points, runs, failed = run_race(a, contestants, out)
+        saved = {"args": vars(a), "notes": notes + failed, "points": points, "runs": runs}
     (out / "race.json").write_text(json.dumps(saved, indent=1))
     report(saved, Path(a.plot))
     return 0

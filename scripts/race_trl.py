@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                               processing_class=tokenizer, peft_config=bench_trl.lora_config(args),
                               callbacks=[callback, Saver()])
         trainer.train()
-    wall, cpu = [w for w, _, _ in callback.steps()], [c for _, _, c in callback.steps()]  # per optimizer step
+    wall, cpu = [s[0] for s in callback.steps()], [s[2] for s in callback.steps()]  # per optimizer step
     result = {"side": "trl", "optimizer_steps_per_rl_step": per_rl, "lr_scheduler": cfg.lr_scheduler_type,
               "step_cpu_s": [sum(cpu[i : i + per_rl]) for i in range(0, len(cpu), per_rl)],
               "generate_share": gen.seconds / sum(wall)}

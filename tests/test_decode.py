@@ -184,3 +184,72 @@ def test_critic_inputs_only_where_the_reference_rows_run_the_base(model_dirs):
     assert decode.sample(models, *args, with_reference=True).critic_inputs is None  # not asked
     models.reference = CRITIC  # a reference adapter: its rows are not the base below the critic's layers
     assert decode.sample(models, *args, with_reference=True, with_critic_inputs=True).critic_inputs is None
+
+
+GROUPED = [p for p in PROMPTS[:3] for _ in range(3)]  # a group method's batch: each prompt num_samples times
+
+
+def _grouped_sample(models, tok, monkeypatch, share: bool, **kw):
+    if not share:
+        monkeypatch.setattr(decode, "shared_prompts", lambda ids, mask: None)
+    enc = tok(GROUPED, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(0)
+    s = decode.sample(models, enc.input_ids, enc.attention_mask, RolloutConfig(max_new_tokens=6, top_k=1),
+                      eos_ids=[], pad_id=tok.pad_token_id, **kw)
+    monkeypatch.undo()
+    return s
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_repeated_prompts_are_prefilled_once_and_sample_as_if_each_row_ran(model_dirs, arch, monkeypatch):
+    """A group's rows share their prompt: the sampler prefills each distinct prompt once (per row group) and
+    expands the cache. Greedy tokens, logprobs, reference logprobs and the top-layers critic's inputs equal the
+    prefill of every row, with left padding that differs between prompts."""
+    models, tok = _setup(model_dirs[arch], uses_critic=True, critic_layers=1)
+    enc = tok(GROUPED, return_tensors="pt", padding=True, padding_side="left")
+    first, inverse = decode.shared_prompts(enc.input_ids, enc.attention_mask)
+    assert len(first) == 3 and inverse.tolist() == [inverse[0]] * 3 + [inverse[3]] * 3 + [inverse[6]] * 3
+    kw = dict(with_reference=True, with_critic_inputs=True)
+    shared, every = (_grouped_sample(models, tok, monkeypatch, share, **kw) for share in (True, False))
+    assert torch.equal(shared.tokens, every.tokens)
+    # one forward each, the matmuls over 3 rows instead of 9: rounding of hidden-size (32) and MLP (~64) sums
+    # through 2 layers, then a softmax over the vocabulary
+    for a, b in ((shared.logprobs, every.logprobs), (shared.ref_logprobs, every.ref_logprobs),
+                 (shared.critic_inputs, every.critic_inputs)):
+        assert_fp32_close(a, b, k=32 * 64 * 4 * 512)
+    assert (shared.logprobs - shared.ref_logprobs).abs().max() > 0.05  # policy and reference rows differ
+
+
+def test_repeated_prompts_in_the_update_forward_give_the_whole_forward_and_its_gradients(model_dirs):
+    """policy_forward runs each distinct prompt once and every row's response on the expanded cache; logprobs,
+    entropy and the adapter's gradients equal the forward of every whole row (left padding, a response that
+    ends early)."""
+    from pefrl import forward
+
+    models, tok = _setup(model_dirs["llama"])
+    enc = tok(GROUPED, return_tensors="pt", padding=True, padding_side="left")
+    responses = torch.randint(5, 100, (len(GROUPED), 5), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([enc.input_ids, responses], 1)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(responses)], 1)
+    mask[1, -2:] = 0
+    P = enc.input_ids.shape[1]
+    params = [p for n, p in models.model.named_parameters() if p.requires_grad and ".policy." in n]
+
+    def run():
+        logprobs, entropy, _ = policy_forward(models, ids, mask, P, 0.7)
+        grads = torch.autograd.grad((logprobs * mask[:, P:]).sum(), params)
+        return logprobs * mask[:, P:], entropy * mask[:, P:], grads
+
+    shared = run()
+    with monkeypatch_context() as m:
+        m.setattr(forward, "shared_prompts", lambda ids, mask: None)
+        every = run()
+    assert_fp32_close(shared[0], every[0], k=32 * 64 * 4 * 512)
+    assert_fp32_close(shared[1], every[1], k=32 * 64 * 4 * 512)
+    for a, b in zip(shared[2], every[2]):  # gradients also sum over the batch's tokens (9 x 5)
+        assert_fp32_close(a, b, k=32 * 64 * 4 * 512 * 45)
+    assert any(g.abs().sum() > 0 for g in shared[2])
+
+
+def monkeypatch_context():
+    return pytest.MonkeyPatch.context()

@@ -123,3 +123,17 @@ def test_split_table_gives_each_stage_its_share_of_the_step():
     run = {"step_cpu_s": [1.0, 3.0], "split_s": {"gen_time_s": [1.0, 1.0], "score_time_s": [0.0, 0.0],
                                                  "reference_time_s": [0.0, 0.0], "train_time_s": [1.0, 3.0]}}
     assert "| grpo | 2.00 | 33% | 0% | 0% | 67% |" in race.split_table({"grpo": run})
+
+
+def test_mean_over_seeds_averages_each_point_and_keeps_contestants_every_seed_has():
+    def pt(step, cpu, greedy):
+        return {"step": step, "samples": 32 * step, "cpu_s": cpu, "greedy": greedy, "pass_at_k": greedy,
+                "mean_at_k": greedy / 2}
+
+    seed0 = {"grpo": [pt(0, 0, 0.2), pt(2, 30, 0.6)], "trl-grpo": [pt(0, 0, 0.2), pt(2, 60, 0.4)]}
+    seed1 = {"grpo": [pt(0, 0, 0.2), pt(2, 34, 0.8)], "ppo": [pt(0, 0, 0.2), pt(2, 50, 0.3)]}
+    mean = race.mean_points([seed0, seed1])
+    assert list(mean) == ["grpo"]  # ppo and trl-grpo ran in one seed only
+    assert mean["grpo"][1]["step"] == 2 and mean["grpo"][1]["samples"] == 64
+    assert mean["grpo"][1]["cpu_s"] == pytest.approx(32) and mean["grpo"][1]["greedy"] == pytest.approx(0.7)
+    assert mean["grpo"][1]["mean_at_k"] == pytest.approx(0.35)
