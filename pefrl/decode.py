@@ -13,6 +13,11 @@ adapter, rows B..2B-1 with adapters off (or the frozen reference adapter), fed t
 sampled. Weight reads are shared by all rows, so on a decode-bound step the reference costs a fraction of a
 separate forward (docs/benchmarks.md has the measurement).
 
+Why a repeated prompt is prefilled once: a group method (GRPO, RLOO, DAPO...) samples every prompt num_samples
+times, and with chat-formatted prompts the prefill of all those rows is most of a short rollout. Both steppers
+run each distinct prompt once per row group and expand the KV cache (`shared_prompts`; the update's forward does
+the same, pefrl/forward.py).
+
 Two steppers under one sampling loop (`sample`): the lean one (`LeanStepper`) for the families of pefrl.arch
 with lean projections (llama, mistral and qwen2: the same layer up to q/k/v biases), unquantized or
 bitsandbytes 4-bit / 8-bit (those layers run their own forward), LoRA (no DoRA) on the attention and MLP
@@ -257,7 +262,7 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
     copies = 2 if with_reference else 1
     N = cfg.max_new_tokens
     stepper, capturing = _stepper(models, engine, B, P + N, with_reference, with_values, with_critic_inputs)
-    shared = shared_prompts(query_ids, query_mask) if engine == "lean" else None  # a group's samples
+    shared = shared_prompts(query_ids, query_mask)  # a group's samples: their prompt is prefilled once
     logits, hidden, captured = stepper.prefill(query_ids.repeat(copies, 1), query_mask.repeat(copies, 1),
                                                *([shared] if shared is not None else []))
     critic_inputs = [captured]

@@ -80,8 +80,8 @@ class GenericStepper:
         self.groups, self.with_hidden = groups, with_hidden
         self.cache = self.mask = self.next_pos = None
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor):
-        with routed(self.layers, self.groups):
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, groups: Groups | None = None):
+        with routed(self.layers, groups or self.groups):
             out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
                              use_cache=True, logits_to_keep=1, output_hidden_states=self.with_hidden)
         self.cache = out.cache
@@ -89,10 +89,22 @@ class GenericStepper:
         hidden = out.hidden_states[-1][:, -1] if self.with_hidden else None  # (R, H), after the final norm
         return out.logits[:, -1], hidden, None  # (R, V)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor):
-        """The prompts ids (R, P), left-padded (mask (R, P))."""
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The prompts ids (R, P), left-padded (mask (R, P)). shared (first (U,), inverse (B,)): as the lean
+        stepper's, each row group repeats B rows of U distinct prompts; those run once and the cache is expanded."""
         self.mask = mask
-        return self._forward(ids, positions_from_mask(mask))
+        if shared is None:
+            return self._forward(ids, positions_from_mask(mask))
+        first, inverse = shared
+        B, U = len(inverse), len(first)
+        run = torch.cat([first + c * B for c in range(len(self.groups))])  # (copies * U,) rows that run
+        back = torch.cat([inverse + c * U for c in range(len(self.groups))])  # (R,) each row's row among them
+        groups = [(slice(c * U, (c + 1) * U), name) for c, (_, name) in enumerate(self.groups)]
+        self.mask = mask[run]
+        logits, hidden, _ = self._forward(ids[run], positions_from_mask(self.mask), groups)
+        self.cache.batch_select_indices(back)
+        self.mask, self.next_pos = mask, self.next_pos[back]
+        return logits[back], None if hidden is None else hidden[back], None
 
     def step(self, tokens: torch.Tensor):
         """The next token of every row, tokens (R,): attended to from now on, as generate does, even a pad."""

@@ -68,8 +68,8 @@ def _setup(model_dir, quantization=None):
     return models, load_tokenizer(cfg)
 
 
-def _sample(models, tok, cfg, engine):
-    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+def _sample(models, tok, cfg, engine, prompts=PROMPTS):
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     torch.manual_seed(0)
     with use_adapter(models, POLICY):
         s = decode.sample(models, enc.input_ids, enc.attention_mask, cfg, eos_ids=[], pad_id=tok.pad_token_id,
@@ -97,6 +97,31 @@ def test_recorded_logprobs_reference_and_values_equal_the_plain_forward(family_d
         assert_fp32_close(got, expected, k=K)
     assert (logprobs - ref).abs().max() > 0.05  # the two row groups really ran different weights
     assert values.std() > 0
+
+
+GROUPED = [p for p in PROMPTS[:3] for _ in range(2)]  # a group method's batch: each prompt twice
+
+
+@pytest.mark.parametrize("family, quantization, engine", CASES)
+def test_repeated_prompts_run_once_in_the_sampler_and_the_update_forward(family_dirs, family, quantization, engine,
+                                                                          monkeypatch):
+    """Rows sharing a prompt: the sampler prefills it once per row group and the update's forward runs it once
+    (pefrl.forward.shared_prompts); both equal the plain forward of every whole row, in every family."""
+    from pefrl import forward
+
+    models, tok = _setup(family_dirs[family], quantization)
+    s, ids, mask, P = _sample(models, tok, RolloutConfig(max_new_tokens=6, temperature=0.7), engine, GROUPED)
+    assert forward.shared_prompts(ids[:, :P], mask[:, :P]) is not None
+    with torch.no_grad():
+        shared = policy_forward(models, ids, mask, P, 0.7)
+        monkeypatch.setattr(forward, "shared_prompts", lambda ids, mask: None)
+        logprobs, entropy, _ = policy_forward(models, ids, mask, P, 0.7)
+        ref = reference_logprobs(models, ids, mask, P, 0.7)
+        values = critic_values(models, ids, mask, P)
+    for got, expected in ((s.logprobs, logprobs), (s.entropy, entropy), (s.ref_logprobs, ref), (s.values, values),
+                          (shared[0], logprobs), (shared[1], entropy)):
+        assert_fp32_close(got, expected, k=K)
+    assert (logprobs - ref).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("family, quantization", [(f, q) for f in FAMILIES for q in (None, "4bit")])
