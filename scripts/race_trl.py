@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(name, type=int, required=True)
     for name in ("--temperature", "--lr", "--kl-coef"):
         p.add_argument(name, type=float, required=True)
+    p.set_defaults(gradient_checkpointing=False)  # bench_trl.common_training_args reads it: off, as on pefrl's side
     return p.parse_args(argv)
 
 

@@ -137,3 +137,16 @@ def test_mean_over_seeds_averages_each_point_and_keeps_contestants_every_seed_ha
     assert mean["grpo"][1]["step"] == 2 and mean["grpo"][1]["samples"] == 64
     assert mean["grpo"][1]["cpu_s"] == pytest.approx(32) and mean["grpo"][1]["greedy"] == pytest.approx(0.7)
     assert mean["grpo"][1]["mean_at_k"] == pytest.approx(0.35)
+
+
+def test_the_trl_side_gets_every_training_argument_it_reads(tmp_path, monkeypatch):
+    """race_trl.py's arguments, as race.py passes them, are all that bench_trl's shared TRL settings read (TRL
+    itself is not imported): a race once failed only on its TRL side when bench_trl started reading a new one."""
+    race_trl = _load("race_trl")
+    bench_trl = sys.modules["bench_trl"]
+    a = race.parse_args(["--tiny", "--steps", "2", "--save-every", "1", "--warmup-steps", "2"])
+    a.model = "smollm2"  # trl_args resolves the model directory; the tiny race's prompts are builtin
+    monkeypatch.setattr(race.bench, "resolve_model", lambda name: tmp_path)
+    args = race_trl.parse_args(race.trl_args(a, tmp_path / "trl"))
+    common = bench_trl.common_training_args(args, str(tmp_path))
+    assert (common["learning_rate"], common["seed"], common["gradient_checkpointing"]) == (a.lr, a.seed, False)
