@@ -72,6 +72,28 @@ def test_sharded_loading_on_one_rank_is_the_plain_load(one_rank_group, tmp_path,
     assert torch.equal(lm(input_ids=ids).logits, plain.model.get_base_model()(input_ids=ids).logits)
 
 
+def test_a_reference_adapter_loads_onto_the_base_without_weights(one_rank_group, tmp_path):
+    """model.reference_adapter (a LoRA-SFT start): peft loads it into the adapters before any base weight exists."""
+    from pefrl.adapters_io import save_adapters
+
+    save_tiny_model(tmp_path / "model", "llama")
+    sft = load_models(ModelConfig(name_or_path=str(tmp_path / "model")), LoraConfig(r=2), uses_critic=False)
+    for n, p in sft.model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)  # else B = 0 would pass whether loaded or not
+    save_adapters(sft, tmp_path / "sft")
+    mc = ModelConfig(name_or_path=str(tmp_path / "model"), critic="adapter",
+                     reference_adapter=str(tmp_path / "sft" / "policy"))
+    torch.manual_seed(0)
+    plain = load_models(mc, LoraConfig(r=2), uses_critic=True)
+    torch.manual_seed(0)
+    empty = load_models(mc, LoraConfig(r=2), uses_critic=True, weights=False)
+    shard_models(empty, torch.device("cpu"), checkpoint=str(tmp_path / "model"))
+    got, want = _state(empty), _state(plain)
+    assert got.keys() == want.keys() and any(".reference." in n for n in want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
 def test_a_missing_tensor_is_named_not_left_a_stand_in(one_rank_group, tmp_path):
     from safetensors.torch import load_file, save_file
 
