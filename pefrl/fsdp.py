@@ -15,6 +15,10 @@ one gradient all-reduce (`Updater.step`), clipping on plain tensors, rank 0 savi
 checkpoints alone, checkpoints interchangeable between DDP and FSDP runs. The memory that matters, the base, is
 sharded. A forward all-gathers one decoder layer at a time and frees it after (reshard_after_forward).
 
+Loading: with fsdp_cpu_ram_efficient_loading (true, or absent: accelerate's default) every rank builds the base
+without weights and reads only its shard of each layer from the checkpoint (pefrl/fsdp_load.py), so no rank
+ever holds the whole base; with false every rank loads the whole base through transformers, then shards it.
+
 Every forward is a collective under FSDP, so every rank must run the same number of them: generation runs in
 transformers' `synced_gpus` mode (a rank whose sequences are done keeps stepping until all ranks are),
 micro-batch counts are equal because batch sizes are per rank, and evaluation rows are trimmed to a multiple of
@@ -31,7 +35,9 @@ import torch
 from torch import nn
 
 from pefrl.arch import decoder_layers
+from pefrl.fsdp_load import fill_from_checkpoint
 from pefrl.models import Models, lora_parameters
+from pefrl.models.load import is_stand_in
 
 
 def fsdp_requested(accelerator) -> bool:
@@ -49,9 +55,9 @@ def fsdp_requested(accelerator) -> bool:
 UNHONOURED = {
     "FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
     "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
-    "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_cpu_ram_efficient_loading",
 }
-"""accelerate FSDP settings (launcher variable: yaml key) that pefrl's sharding does not implement."""
+"""accelerate FSDP settings (launcher variable: yaml key) that pefrl's sharding does not implement.
+(fsdp_cpu_ram_efficient_loading is honoured: pefrl/fsdp_load.py.)"""
 
 
 def check_fsdp(cfg, fsdp_ok: bool) -> None:
@@ -82,11 +88,14 @@ def adapter_parameters(models: Models) -> set[nn.Parameter]:
     return lora | (set(models.value_head.parameters()) if models.value_head is not None else set())
 
 
-def shard_models(models: Models, device: torch.device, reshard_after_forward: bool | None = None) -> None:
+def shard_models(models: Models, device: torch.device, reshard_after_forward: bool | None = None,
+                 checkpoint: str | None = None) -> None:
     """Shard the base over all ranks with FSDP2 (collective: every rank calls it, in setup, before training).
 
     reshard_after_forward: free each layer's gathered weights after its forward (None: the accelerate config's
     fsdp_reshard_after_forward, default true); false keeps them gathered until the backward (faster, more memory).
+    checkpoint: the base's directory (or hub name) when models were loaded without weights (load_models(...,
+    weights=False)): each rank then fills only its shard from it (sharded loading, pefrl/fsdp_load.py).
 
     - each decoder layer is one FSDP unit: its base weights are sharded, its LoRA weights ignored (replicated);
     - the LM itself is the root unit, with its own weights (embeddings, final norm, lm_head) replicated too:
@@ -106,14 +115,41 @@ def shard_models(models: Models, device: torch.device, reshard_after_forward: bo
     layers = decoder_layers(lm)
     in_layers: set[nn.Parameter] = set()
     for layer in layers:
+        if checkpoint is not None:
+            _stand_ins_to_meta(layer)
         own = set(layer.parameters())
         in_layers |= own
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=own & replicated)
+        if checkpoint is not None:
+            _allocate_shards(layer, device)
+    if checkpoint is not None:  # before the root's fully_shard: filling replaces the root's stand-ins
+        fill_from_checkpoint(lm, checkpoint, skip=replicated)
     root_own = {p for p in lm.parameters() if p not in in_layers}
     fully_shard(lm, mesh=mesh, ignored_params=root_own | replicated)
     lm._is_fsdp_managed_module = True  # transformers' generate then runs synced_gpus: no rank stops stepping early
     _move_unmanaged(lm, replicated | root_own, device)
     _run_root_first(lm, device)
+
+
+def _stand_ins_to_meta(layer: nn.Module) -> None:
+    # fully_shard shards a meta parameter without allocating it (a meta DTensor): no rank ever allocates a whole
+    # weight, not even transiently, nor touches pages of other ranks' rows
+    for module in layer.modules():
+        for name, p in module._parameters.items():
+            if p is not None and is_stand_in(p):
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                        requires_grad=False)
+
+
+@torch.no_grad()
+def _allocate_shards(layer: nn.Module, device: torch.device) -> None:
+    # to_empty allocates this rank's shard of each meta DTensor (FSDP2 re-points its storage: reset_sharded_param),
+    # to be filled from the checkpoint; it empties the layer's adapters and buffers too, so keep and restore them
+    keep = {name: t.detach() for name, t in [*layer.named_parameters(), *layer.named_buffers()] if not t.is_meta}
+    layer.to_empty(device=device)
+    params = dict(layer.named_parameters())  # after to_empty: it may have replaced the objects
+    for name, old in keep.items():
+        (params[name] if name in params else layer.get_buffer(name)).copy_(old)
 
 
 def _move_unmanaged(lm: nn.Module, params: set[nn.Parameter], device: torch.device) -> None:

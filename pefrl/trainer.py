@@ -45,8 +45,9 @@ from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, seed_rows
 from pefrl.evaluation import eval_rows, evaluate, play, prompts_seen, split_rows
 from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
+from pefrl.fsdp_load import claim_sharded_loading
 from pefrl.metrics import MetricsWriter, Timer, progress_line
-from pefrl.models import Models, load_models, load_tokenizer
+from pefrl.models import Models, load_models, load_tokenizer, resolve_model_path
 from pefrl.ops.advantages import masked_mean
 from pefrl.ops.kl import kl_estimate, make_kl_controller
 from pefrl.rewards import Scorer, build_scorer, reduce_stats
@@ -116,9 +117,11 @@ def setup(
         check_fsdp(cfg, fsdp_ok=algo.fsdp_ok)
     torch.manual_seed(cfg.train.seed)  # identical adapter and value-head init on every rank
     tokenizer = load_tokenizer(cfg.model)
-    models = load_models(cfg.model, cfg.lora, uses_critic=algo.uses_critic)
+    # sharded loading (fsdp_cpu_ram_efficient_loading): no rank holds the whole base, each reads its shard
+    from_shards = sharded and claim_sharded_loading()
+    models = load_models(cfg.model, cfg.lora, uses_critic=algo.uses_critic, weights=not from_shards)
     if sharded:  # FSDP2: the base sharded over ranks, adapters and value head replicated (pefrl/fsdp.py)
-        shard_models(models, accelerator.device)
+        shard_models(models, accelerator.device, checkpoint=resolve_model_path(cfg.model) if from_shards else None)
         # at setup, not at the first rollout: the lean decoder reads layer weights directly, never where FSDP
         # gathers them, so engine 'pefrl' raises here naming the sharded base ('auto' falls back to generate)
         use_pefrl_engine(models, cfg.rollout)

@@ -254,7 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def with_bench_defaults(a: argparse.Namespace) -> argparse.Namespace:
     """Add what bench.pefrl_overrides / trl_args read beyond a script's own flags, at bench.py's defaults."""
     d = bench.parse_args([])
-    for k in ("epochs", "lr", "kl_coef", "lora_r", "lora_alpha", "target_modules", "seed", "threads", "pefrl_override"):
+    for k in ("epochs", "lr", "kl_coef", "lora_r", "lora_alpha", "target_modules", "seed", "threads", "dtype",
+              "pefrl_override"):
         setattr(a, k, getattr(d, k))
     return a
 

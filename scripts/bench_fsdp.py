@@ -83,7 +83,8 @@ def run_setup(a: argparse.Namespace, setup: str, model: Path, prompts: Path, log
         res.mkdir()
         o = bench_1b.pefrl_overrides_1b(a, a.algo, "bf16", [], model, prompts, str(Path(tmp) / "run"))
         me = [str(Path(__file__).resolve()), "--child", json.dumps(o), "--child-out", str(res)]
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(SETUPS[setup])]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(accelerate_config(a, setup, Path(tmp)))]
         cmd = [sys.executable, *me] if SETUPS[setup] is None else [*launch, *me]
         with open(log, "w") as f:
             proc = subprocess.run(cmd, cwd=bench.ROOT, env=bench.child_env(1), stdout=f, stderr=subprocess.STDOUT)
@@ -93,12 +94,27 @@ def run_setup(a: argparse.Namespace, setup: str, model: Path, prompts: Path, log
     return ranks
 
 
+def accelerate_config(a: argparse.Namespace, setup: str, tmp: Path) -> Path | None:
+    """The setup's accelerate config; for fsdp with --fsdp-loading whole a copy with
+    fsdp_cpu_ram_efficient_loading: false (every rank loads the whole base, then shards it)."""
+    if setup != "fsdp" or a.fsdp_loading == "sharded":
+        return SETUPS[setup]
+    import yaml
+
+    config = yaml.safe_load(SETUPS[setup].read_text())
+    config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
+    out = tmp / "fsdp_whole_loading.yaml"
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
 def predicted(rec: dict, r: dict) -> dict:
     """memory_model.cpu_peak_bytes of rank result `r` of setup record `rec`: load and step, bytes."""
     rows, new = rec["batch_size"] * rec["num_samples"], rec["max_new_tokens"]
     return mm.cpu_peak_bytes(bench_1b.BUILDABLE[rec["shape"]], "bf16", rows, PROMPT_LEN + new, new,
                              r["rss_after_imports_bytes"], critic=rec["algo"] == "ppo",
-                             fsdp_world=r["world"] if rec["setup"] == "fsdp" else 1)
+                             fsdp_world=r["world"] if rec["setup"] == "fsdp" else 1,
+                             sharded_loading=rec.get("sharded_loading", False))  # absent: recorded before it
 
 
 HEADER = ["| base | setup | rank | load peak | RSS at step 1 (anon / file) | step peak | RSS after the last update "
@@ -113,9 +129,11 @@ def rows_of(rec: dict) -> list[str]:
         if "failed" in r:
             out.append(f"| {rec['shape']} | {rec['setup']} | - | {r['failed']} | | | | |")
             continue
-        p = predicted(rec, r)
+        p, setup = predicted(rec, r), rec["setup"]
+        if setup == "fsdp":  # how the base was loaded: each rank its shard, or each the whole base first
+            setup += f", {'sharded' if rec.get('sharded_loading') else 'whole'} load"
         s1, end = r["rss_at_step1_bytes"], r["rss_after_train_bytes"]
-        out.append(f"| {rec['shape']} | {rec['setup']} | {r['rank']} of {r['world']} | {m(r['load_peak_bytes'])} | "
+        out.append(f"| {rec['shape']} | {setup} | {r['rank']} of {r['world']} | {m(r['load_peak_bytes'])} | "
                    f"{m(s1['rss'])} ({m(s1['anon'])} / {m(s1['file'])}) | {m(r['step_peak_bytes'])} | "
                    f"{m(end['rss'])} ({m(end['anon'])} / {m(end['file'])}) | {m(p['load'])} / {m(p['step'])} |")
     return out
@@ -130,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2, help="prompts per step and rank")
     p.add_argument("--num-samples", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--fsdp-loading", default="sharded", choices=["sharded", "whole"],
+                   help="fsdp: each rank reads its shard (fsdp_cpu_ram_efficient_loading: true, the config's), or "
+                        "loads the whole base and then shards it (the key set false in a copy of the config)")
     p.add_argument("--out", help="append each setup's result as a JSON line here")
     p.add_argument("--table-from", help="print the table of an earlier --out JSONL file and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -156,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     print("\n".join(HEADER), flush=True)
     for setup in a.setups.split(","):
+        whole = setup == "fsdp" and a.fsdp_loading == "whole"
+        log = logs / f"fsdp-{a.shape}-{setup}{'-whole-load' if whole else ''}.log"
         rec = {"shape": a.shape, "setup": setup, "algo": a.algo, "batch_size": a.batch_size,
                "num_samples": a.num_samples, "max_new_tokens": a.max_new_tokens,
-               "ranks": run_setup(a, setup, model, prompts, logs / f"fsdp-{a.shape}-{setup}.log")}
+               "sharded_loading": setup == "fsdp" and a.fsdp_loading == "sharded",
+               "ranks": run_setup(a, setup, model, prompts, log)}
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")

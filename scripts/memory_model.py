@@ -237,16 +237,18 @@ def table(w: Workload = Workload()) -> str:
 
 def cpu_peak_bytes(s: Shape, quant: str, rows: int, seq_len: int, response_len: int, imports: float,
                    critic: bool = True, file_bytes: float | None = None, prequantized: bool = False,
-                   checkpointing: bool = False, chunk: int | None = None, fsdp_world: int = 1) -> dict:
+                   checkpointing: bool = False, chunk: int | None = None, fsdp_world: int = 1,
+                   sharded_loading: bool = True) -> dict:
     """Peak RSS of a pefrl run on a CPU, loading included (scripts/bench_1b.py, docs/benchmarks.md's runs).
     quant: fp32 | bf16 (activations in that dtype) | 4bit | 8bit (bf16 compute). imports: RSS after imports
     (measured). Loading maps the whole checkpoint file (`file_bytes`, default bf16: 2 bytes a parameter) and,
     for a quantized base, builds the quantized copy (non-quantized weights still bf16) while the file is
     mapped; an unquantized base in the file's dtype, or a pre-quantized checkpoint, *is* the mapping. Then the step: the base (quantized:
     embeddings and norms upcast to fp32), trainable state, and one pass's activations and logits.
-    fsdp_world > 1: the bf16 base sharded over that many ranks after loading (fsdp_rank_base_bytes); every rank
-    still loads the whole base first (pefrl does not implement fsdp_cpu_ram_efficient_loading), so the load term
-    is unchanged."""
+    fsdp_world > 1: the bf16 base sharded over that many ranks (fsdp_rank_base_bytes). sharded_loading
+    (fsdp_cpu_ram_efficient_loading, pefrl/fsdp_load.py): a rank loads only that share (one tensor's file pages
+    mapped at a time; one layer gathered by the forward that settles FSDP's root); without it every rank loads
+    the whole base first, so the load term is the unsharded one."""
     elem = 4 if quant == "fp32" else 2
     if file_bytes is None:
         file_bytes = base_bytes(s, quant, other_bytes=2) if prequantized else 2 * s.params
@@ -258,6 +260,8 @@ def cpu_peak_bytes(s: Shape, quant: str, rows: int, seq_len: int, response_len: 
     if fsdp_world > 1 and quant not in ("bf16", "fp32"):
         raise ValueError(f"fsdp_world={fsdp_world} with {quant}: pefrl refuses quantized bases under FSDP")
     base = fsdp_rank_base_bytes(s, fsdp_world, elem) if fsdp_world > 1 else base_bytes(s, quant)
+    if fsdp_world > 1 and sharded_loading:
+        load = base
     step = (base + trainable_bytes(adapters) + activation_bytes(s, rows, seq_len, elem, checkpointing)
             + logits_bytes(s, rows, response_len, chunk))
     return {"load": imports + load, "step": imports + step, "peak": imports + max(load, step)}

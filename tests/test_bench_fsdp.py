@@ -20,9 +20,21 @@ def test_prediction_shards_the_base_only_under_fsdp():
            "max_new_tokens": 8}
     rank = {"world": 2, "rss_after_imports_bytes": 0}
     ddp, fsdp = bench_fsdp.predicted(rec, rank), bench_fsdp.predicted(rec | {"setup": "fsdp"}, rank)
+    sharded = bench_fsdp.predicted(rec | {"setup": "fsdp", "sharded_loading": True}, rank)
     s = mm.SHAPES["llama-3.2-1b"]
-    assert ddp["load"] == fsdp["load"] == 2 * s.params  # every rank loads the whole bf16 base
+    assert ddp["load"] == fsdp["load"] == 2 * s.params  # every rank loads the whole bf16 base (a record without
+    assert sharded["load"] == mm.fsdp_rank_base_bytes(s, 2)  # sharded_loading predates it) / only its share
     assert ddp["step"] - fsdp["step"] == pytest.approx(2 * s.params - mm.fsdp_rank_base_bytes(s, 2))
+    assert sharded["step"] == fsdp["step"]
+
+
+def test_whole_loading_flips_the_accelerate_config_key(tmp_path):
+    import yaml
+
+    a = bench_fsdp.parse_args(["--setups", "fsdp", "--fsdp-loading", "whole"])
+    config = bench_fsdp.accelerate_config(a, "fsdp", tmp_path)
+    assert yaml.safe_load(config.read_text())["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False
+    assert bench_fsdp.accelerate_config(bench_fsdp.parse_args([]), "fsdp", tmp_path) == bench_fsdp.SETUPS["fsdp"]
 
 
 def test_unknown_setup_is_refused():

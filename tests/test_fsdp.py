@@ -49,6 +49,8 @@ def test_check_fsdp_refuses_quantized_bases_environments_trpo_and_unimplemented_
     for var in ("FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
         monkeypatch.setenv(var, "false")  # what `accelerate launch` exports for fsdp_cpu_2ranks.yaml
     check(cfg())
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # honoured: sharded loading (test_fsdp_load.py)
+    check(cfg())
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     with pytest.raises(ValueError, match="fsdp_config.fsdp_offload_params: true is not implemented"):
         check(cfg())

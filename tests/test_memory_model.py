@@ -94,10 +94,14 @@ def test_fsdp_rank_base_is_a_share_of_the_layers_plus_the_replicated_and_one_gat
     assert mm.fsdp_rank_base_bytes(s, world=1) == 2 * (4 * 41088 + 6464) == mm.base_bytes(s, "bf16")
     assert mm.fsdp_rank_base_bytes(s, world=2) == 2 * (6464 + 4 * 41088 / 2 + 41088)  # 259456
     assert mm.fsdp_rank_base_bytes(s, world=4, gathered_layers=0) == 2 * (6464 + 41088)
-    # the CPU step holds the rank's share; loading still reads the whole base on every rank
+    # the CPU step holds the rank's share; so does loading, sharded (fsdp_cpu_ram_efficient_loading), else the
+    # whole base on every rank
     one = mm.cpu_peak_bytes(s, "bf16", rows=1, seq_len=1, response_len=1, imports=0.0)
     two = mm.cpu_peak_bytes(s, "bf16", rows=1, seq_len=1, response_len=1, imports=0.0, fsdp_world=2)
+    whole = mm.cpu_peak_bytes(s, "bf16", rows=1, seq_len=1, response_len=1, imports=0.0, fsdp_world=2,
+                              sharded_loading=False)
     assert one["step"] - two["step"] == pytest.approx(2 * (4 * 41088 + 6464) - 259456)
-    assert one["load"] == two["load"]
+    assert two["load"] == 259456 and whole["load"] == one["load"] == 2 * (4 * 41088 + 6464)
+    assert whole["step"] == two["step"]
     with pytest.raises(ValueError, match="quantized bases under FSDP"):
         mm.cpu_peak_bytes(s, "4bit", rows=1, seq_len=1, response_len=1, imports=0.0, fsdp_world=2)

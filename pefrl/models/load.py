@@ -16,7 +16,14 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging
 
 from pefrl.arch import disable_dropout, resolve_target_modules, stores_transposed
@@ -64,8 +71,12 @@ def load_tokenizer(model_cfg: ModelConfig):
 # --- the frozen base and the bundle -------------------------------------------------------------------------
 
 
-def load_base(model_cfg: ModelConfig) -> PreTrainedModel:
-    """The frozen base as training uses it: model.dtype, quantized per model.quantization, dropout off."""
+def load_base(model_cfg: ModelConfig, weights: bool = True) -> PreTrainedModel:
+    """The frozen base as training uses it: model.dtype, quantized per model.quantization, dropout off.
+
+    weights=False: the base without its weights (every parameter a stand-in, see `base_without_weights`)."""
+    if not weights:
+        return base_without_weights(model_cfg)
     quant = quantization_config(model_cfg)
     kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
     if not sys.stderr.isatty():  # a log file: transformers' "Loading weights" bar would interleave carriage returns
@@ -81,6 +92,48 @@ def load_base(model_cfg: ModelConfig) -> PreTrainedModel:
     base.requires_grad_(False)
     disable_dropout(base)
     return base
+
+
+def base_without_weights(model_cfg: ModelConfig) -> PreTrainedModel:
+    """The unquantized base's modules, buffers and dtypes, its parameters stand-ins that hold no bytes.
+
+    What every rank builds under FSDP's sharded loading (pefrl/fsdp_load.py): peft adds the adapters to it as to
+    a loaded base (real CPU tensors, the same random draws, so the same adapters as `load_base` would get under
+    the same seed), then each rank fills only its shard of every weight from the checkpoint. A stand-in is a CPU
+    view of one zero with stride 0 (`is_stand_in`), not a meta tensor, because peft moves new adapters to their
+    base weight's device. Buffers are computed, not read (rotary inv_freq is in no checkpoint).
+    """
+    from accelerate import init_empty_weights
+
+    if model_cfg.quantization is not None:  # bitsandbytes quantizes while loading: there is nothing to fill
+        raise ValueError(f"model.quantization={model_cfg.quantization}: a quantized base cannot be built without "
+                         "its weights (FSDP refuses quantized bases anyway: fsdp.check_fsdp)")
+    path = resolve_model_path(model_cfg)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    with init_empty_weights():  # parameters on the meta device (no bytes, no random init); buffers real
+        base = AutoModelForCausalLM.from_config(config, dtype=DTYPES[model_cfg.dtype],
+                                                trust_remote_code=model_cfg.trust_remote_code)
+    base.tie_weights()  # init_empty_weights re-registers each parameter on meta, which unties lm_head (GPT-2, ...)
+    stand_ins: dict[nn.Parameter, nn.Parameter] = {}  # a tied weight is one parameter under two names: one stand-in
+    for module in base.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if p not in stand_ins:
+                    stand_ins[p] = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+                module._parameters[name] = stand_ins[p]
+    try:  # as from_pretrained: the checkpoint's generation defaults (eos ids, ...), when it has them
+        base.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    base.eval()  # from_pretrained's mode; from_config builds in train mode
+    base.requires_grad_(False)
+    disable_dropout(base)
+    return base
+
+
+def is_stand_in(p: torch.Tensor) -> bool:
+    """True for a parameter of `base_without_weights` not yet filled: more than one element, every stride 0."""
+    return p.numel() > 1 and not any(p.stride())
 
 
 # --- quantized bases (QLoRA, Dettmers et al. 2023) -----------------------------------------------------------
@@ -167,15 +220,17 @@ def _lora_config(base: PreTrainedModel, lora_cfg: LoraConfig) -> PeftLoraConfig:
     )
 
 
-def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool) -> Models:
+def load_models(model_cfg: ModelConfig, lora_cfg: LoraConfig, uses_critic: bool, weights: bool = True) -> Models:
     """Load the base once, freeze it, add the adapters and the value head.
+
+    weights=False: the base's weights are stand-ins (`base_without_weights`), for FSDP's sharded loading to fill.
 
     With model.reference_adapter (a LoRA-SFT adapter directory) that adapter is loaded twice: frozen as
     'reference' and trainable as 'policy', so RL starts from the SFT model and the KL is taken to it (not to
     the raw base). The policy then keeps the SFT adapter's LoRA config (lora.r/alpha/targets apply to the
     critic only).
     """
-    base = load_base(model_cfg)
+    base = load_base(model_cfg, weights)
     peft_cfg = _lora_config(base, lora_cfg)  # before any wrapping: LoRA layers rename what they wrap
     reference = None
     if model_cfg.reference_adapter:
