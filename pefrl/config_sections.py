@@ -44,6 +44,11 @@ class ModelConfig:
     """4-bit data type: 'nf4' or 'fp4'."""
     bnb_4bit_use_double_quant: bool = True
     """Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."""
+    prequantize: bool = True
+    """With quantization '4bit' and a local unquantized safetensors checkpoint: quantize it once, tensor by
+    tensor, into pefrl's cache ($PEFRL_CACHE/quantized, else ~/.cache/pefrl/quantized; reused until the source
+    files change) and load that, so loading never holds the unquantized file (docs/benchmarks.md, 1B-class bases).
+    Bit-identical to quantizing on load. False: quantize on load (transformers' own path)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     logits_chunk_size: int | None = None

@@ -25,6 +25,7 @@ from pefrl.errors import PathError, looks_local
 from pefrl.hub import check_hub_name, missing_model_error
 from pefrl.models.adapters import enable_checkpointing
 from pefrl.models.bundle import CRITIC, POLICY, REFERENCE, Models, ValueHead, is_lora
+from pefrl.models.prequantized import prequantized_checkpoint
 from pefrl.tiny import default_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,17 +66,24 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def load_base(model_cfg: ModelConfig) -> PreTrainedModel:
-    """The frozen base as training uses it: model.dtype, quantized per model.quantization, dropout off."""
+    """The frozen base as training uses it: model.dtype, quantized per model.quantization, dropout off.
+
+    A 4-bit base from a local unquantized safetensors checkpoint is quantized once into pefrl's cache and loaded
+    from there (model.prequantize, `models.prequantized`): loading then never holds the unquantized file.
+    """
+    path, dtype = resolve_model_path(model_cfg), DTYPES[model_cfg.dtype]
     quant = quantization_config(model_cfg)
     kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
+    if quant is not None and model_cfg.prequantize and not model_cfg.trust_remote_code:
+        cached = prequantized_checkpoint(path, quant, dtype, _load_device())
+        if cached is not None:  # its config carries the quantization
+            path, kwargs = str(cached), {"device_map": kwargs["device_map"]}
     if not sys.stderr.isatty():  # a log file: transformers' "Loading weights" bar would interleave carriage returns
         hf_logging.disable_progress_bar()
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(model_cfg),
-        dtype=DTYPES[model_cfg.dtype],
-        trust_remote_code=model_cfg.trust_remote_code,
-        **kwargs,
+        path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **kwargs
     )
+    base.name_or_path = base.config.name_or_path = resolve_model_path(model_cfg)  # the user's base, not the cache
     if quant is not None:
         _prepare_quantized(base)
     base.requires_grad_(False)
