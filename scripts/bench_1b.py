@@ -161,6 +161,7 @@ def pefrl_overrides_1b(a: argparse.Namespace, algo: str, quant: str, levers: lis
     o = bench.pefrl_overrides(a, algo, model, model, prompts, out_dir)
     o += ["model.dtype=bfloat16", f"model.quantization={'' if quant == 'bf16' else quant}", "reward.model=",
           f"reward.functions=[{bench.ROOT / 'scripts' / 'bench.py'}:bench_reward]"]
+    o += ["model.critic=adapter"] if algo == "ppo" else []  # the goal's critic adapter (the default is shared)
     o += ["model.gradient_checkpointing=true"] if "gc" in levers else []
     o += [f"model.logits_chunk_size={l[5:]}" for l in levers if l.startswith("chunk")]
     return o + (["rollout.engine=transformers"] if "hf" in levers else [])  # transformers' generate for the rollout
