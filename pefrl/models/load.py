@@ -7,6 +7,7 @@ Sequences are `input_ids = cat(query_ids (B, P) left-padded, response_ids (B, T)
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import sys
 import warnings
@@ -26,6 +27,7 @@ from pefrl.hub import check_hub_name, missing_model_error
 from pefrl.models.adapters import enable_checkpointing
 from pefrl.models.bundle import CRITIC, POLICY, REFERENCE, Models, ValueHead, is_lora
 from pefrl.models.prequantized import prequantized_checkpoint
+from pefrl.ops.linear4bit import linear_4bit
 from pefrl.tiny import default_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,11 +132,15 @@ def _prepare_quantized(base: PreTrainedModel) -> None:
     - bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel on the first no-grad eval
       forward; we turn that off so the frozen base's bytes never change (and saved/merged weights stay readable).
     - LLM.int8() logs a cast warning on every fp32 matmul; `_Once` lets one through.
+    - A 4-bit layer's forward dequantizes its weight into a reused buffer (pefrl.ops.linear4bit: the same
+      result, without the heap a fresh weight per call leaves behind on CPU).
     """
     prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     for module in base.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+        if type(module).__name__ == "Linear4bit":
+            module.forward = functools.partial(linear_4bit, module)
     bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _Once) for f in bnb_logger.filters):
         bnb_logger.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
