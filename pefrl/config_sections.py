@@ -362,6 +362,11 @@ class TrainConfig:
     """Accelerate trackers, e.g. ['tensorboard'] or ['wandb']."""
     max_bad_steps: int = 3
     """Abort after this many consecutive updates with a non-finite loss or gradient (each one is skipped)."""
+    mmap_threshold_mib: int | None = 1
+    """On CPU with glibc (Linux): every allocation of at least this many MiB gets its own memory mapping,
+    returned to the system when freed, instead of a place on the heap that fragments and stays with the process
+    (what it saves and costs: docs/benchmarks.md, 1B-class bases). 1 to 32; the environment's
+    MALLOC_MMAP_THRESHOLD_ wins. Empty: glibc's own (dynamic) threshold."""
     keep_best: str | None = None
     """Keep the adapters of the best evaluation in output_dir/best/ (with best/best.json naming the step and value):
     an evaluation metric, higher is better, e.g. eval_reward_mean, eval_pass@4 or eval_reward/<function>. Needs
@@ -370,6 +375,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive("train.steps", self.steps)
+        if self.mmap_threshold_mib is not None:
+            _in_range("train.mmap_threshold_mib", self.mmap_threshold_mib, 1, 32)  # glibc refuses over 32 MiB
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         for name in ("max_grad_norm", "warmup_steps", "eval_every", "save_every", "samples_every"):

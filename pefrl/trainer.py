@@ -45,6 +45,7 @@ from pefrl.distributed import RankGuard, check_supported
 from pefrl.envs import env_rewards, seed_rows
 from pefrl.evaluation import eval_rows, evaluate, play, prompts_seen, split_rows
 from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
+from pefrl.heap import set_mmap_threshold
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, load_models, load_tokenizer
 from pefrl.ops.advantages import masked_mean
@@ -108,6 +109,8 @@ def setup(
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.train.trackers or None,
                               project_dir=cfg.output_dir)
     check_supported(accelerator)  # DeepSpeed / Megatron would shard nothing here: stop, don't run unsharded
+    if accelerator.device.type == "cpu" and cfg.train.mmap_threshold_mib is not None:
+        set_mmap_threshold(cfg.train.mmap_threshold_mib)  # before loading: the load's blocks too
     resumed_from = resolve_run(cfg)  # None: fresh; refuses a used output_dir or a changed config before loading
     algo = get_algorithm(check_config(cfg).algo)  # a Config built in Python, not loaded, is checked here
     check_dynamic_sampling(cfg, algo, accelerator.num_processes)  # one process, single-turn prompts
