@@ -5,7 +5,7 @@ process until the top of the heap is free; the threshold itself rises with every
 32 MiB. An update's activations (a few MB each) interleaved with longer-lived tensors so fragment the heap that
 the process keeps several hundred MB to GBs more than is live (docs/benchmarks.md, 1B-class bases). A fixed
 threshold of 1 MiB gives every larger block its own mapping, unmapped when freed: a page-fault cost per such
-allocation, small once the 4-bit weights stop being dequantized into fresh tensors (pefrl.ops.linear4bit).
+allocation, small once the 4-bit weights stop being dequantized into fresh tensors (pefrl.models.linear4bit).
 """
 
 from __future__ import annotations

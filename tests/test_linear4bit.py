@@ -1,11 +1,11 @@
-"""pefrl.ops.linear4bit: a bitsandbytes 4-bit layer through a reused dequantization buffer computes exactly what
+"""pefrl.models.linear4bit: a bitsandbytes 4-bit layer through a reused dequantization buffer computes exactly what
 the layer's own forward computes."""
 
 import bitsandbytes as bnb
 import pytest
 import torch
 
-from pefrl.ops import linear4bit
+from pefrl.models import linear4bit
 
 torch.set_num_threads(1)
 

@@ -27,7 +27,7 @@ from pefrl.hub import check_hub_name, missing_model_error
 from pefrl.models.adapters import enable_checkpointing
 from pefrl.models.bundle import CRITIC, POLICY, REFERENCE, Models, ValueHead, is_lora
 from pefrl.models.prequantized import prequantized_checkpoint
-from pefrl.ops.linear4bit import linear_4bit
+from pefrl.models.linear4bit import linear_4bit
 from pefrl.tiny import default_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,11 +73,11 @@ def load_base(model_cfg: ModelConfig) -> PreTrainedModel:
     A 4-bit base from a local unquantized safetensors checkpoint is quantized once into pefrl's cache and loaded
     from there (model.prequantize, `models.prequantized`): loading then never holds the unquantized file.
     """
-    path, dtype = resolve_model_path(model_cfg), DTYPES[model_cfg.dtype]
+    source, dtype = resolve_model_path(model_cfg), DTYPES[model_cfg.dtype]
     quant = quantization_config(model_cfg)
-    kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
+    path, kwargs = source, {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
     if quant is not None and model_cfg.prequantize and not model_cfg.trust_remote_code:
-        cached = prequantized_checkpoint(path, quant, dtype, _load_device())
+        cached = prequantized_checkpoint(source, quant, dtype, _load_device())
         if cached is not None:  # its config carries the quantization
             path, kwargs = str(cached), {"device_map": kwargs["device_map"]}
     if not sys.stderr.isatty():  # a log file: transformers' "Loading weights" bar would interleave carriage returns
@@ -85,7 +85,7 @@ def load_base(model_cfg: ModelConfig) -> PreTrainedModel:
     base = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **kwargs
     )
-    base.name_or_path = base.config.name_or_path = resolve_model_path(model_cfg)  # the user's base, not the cache
+    base.name_or_path = base.config.name_or_path = source  # the user's base, not the cache entry
     if quant is not None:
         _prepare_quantized(base)
     base.requires_grad_(False)
@@ -132,7 +132,7 @@ def _prepare_quantized(base: PreTrainedModel) -> None:
     - bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel on the first no-grad eval
       forward; we turn that off so the frozen base's bytes never change (and saved/merged weights stay readable).
     - LLM.int8() logs a cast warning on every fp32 matmul; `_Once` lets one through.
-    - A 4-bit layer's forward dequantizes its weight into a reused buffer (pefrl.ops.linear4bit: the same
+    - A 4-bit layer's forward dequantizes its weight into a reused buffer (pefrl.models.linear4bit: the same
       result, without the heap a fresh weight per call leaves behind on CPU).
     """
     prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)

@@ -2,11 +2,11 @@
 
 Why: on CPU, `Linear4bit.forward` (bitsandbytes' default gemm_4bit) dequantizes the whole weight into a new
 tensor on every call, and its backward once more: per decode step one per projection (Qwen2.5-1.5B: 27.5 MB for
-each MLP projection, 196 calls a step), per update twice that per forward. glibc serves those blocks from its
-heap (they are under its 32 MiB mmap ceiling), and between them the activations an update keeps fragment it,
-so the heap the process holds grows well past what is live (docs/benchmarks.md, 1B-class bases: the stage
-peaks before and after). Here each weight is dequantized into one reused buffer per (shape, dtype), with
-bitsandbytes' own CPU kernel, and the matmuls run on it: the same kernels on the same values as
+each MLP projection, 196 calls a step), per update twice that per forward. On glibc's heap those blocks, with
+the activations an update keeps between them, fragment it; in their own mappings (train.mmap_threshold_mib,
+pefrl.heap) each one is mapped and faulted in afresh: +86% CPU on that model, against +4-8% once they are gone
+(docs/benchmarks.md, 1B-class bases). Here each weight is dequantized into one reused buffer per (shape,
+dtype), with bitsandbytes' own CPU kernel, and the matmuls run on it: the same kernels on the same values as
 Linear4bit.forward and bitsandbytes' MatMul4Bit backward, so the same results to the bit.
 `pefrl.models.load` installs it as the forward of every 4-bit layer of a base it loads.
 """
