@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from pefrl.config import ModelConfig
@@ -153,6 +154,13 @@ def test_what_keeps_quantizing_on_load(src, tmp_path, cache):
     assert pq.prequantized_checkpoint(str(src), BitsAndBytesConfig(load_in_8bit=True), torch.float32, CPU) is None
     already = _saved_by_transformers(src, quant, torch.float32, tmp_path / "q")
     assert pq.prequantized_checkpoint(str(already), quant, torch.float32, CPU) is None
+    fp8 = tmp_path / "fp8"  # a dtype the streaming reader does not take: transformers' own path
+    fp8.mkdir()
+    (fp8 / "config.json").write_bytes((src / "config.json").read_bytes())
+    tensors = _tensors(src)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, fp8 / "model.safetensors", metadata={"format": "pt"})
+    assert pq.prequantized_checkpoint(str(fp8), quant, torch.float32, CPU) is None
     load_base(ModelConfig(name_or_path=str(src), quantization="4bit", prequantize=False))
     load_base(ModelConfig(name_or_path=str(src), quantization="8bit"))
     assert not cache.exists()

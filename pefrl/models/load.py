@@ -26,8 +26,8 @@ from pefrl.errors import PathError, looks_local
 from pefrl.hub import check_hub_name, missing_model_error
 from pefrl.models.adapters import enable_checkpointing
 from pefrl.models.bundle import CRITIC, POLICY, REFERENCE, Models, ValueHead, is_lora
-from pefrl.models.prequantized import prequantized_checkpoint
 from pefrl.models.linear4bit import linear_4bit
+from pefrl.models.prequantized import prequantized_checkpoint
 from pefrl.tiny import default_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -3,11 +3,11 @@ checkpoint that transformers then loads as pre-quantized (model.prequantize).
 
 Why: quantizing on load, transformers keeps the whole source file mapped while it quantizes, so loading peaks at
 the file plus the quantized base (docs/benchmarks.md, "1B-class bases": over 3x the peak of loading the same base
-pre-quantized). Here each tensor is read into a fresh buffer with os.preadv (the
-file stays in the page cache, not in this process), quantized as transformers' `Bnb4bitQuantize` does it (the
-same skeleton, `modules_to_not_convert`, dtype cast and `Params4bit`), and saved in the layout transformers
-saves for a 4-bit model (packed weight + absmax / quant_map / nested_* / quant_state.bitsandbytes__<type>), in
-shards of SHARD_BYTES. An entry is written under a temporary name, its marker last, then renamed into place:
+pre-quantized). Here each tensor is read into a fresh buffer with os.preadv (the file stays in the page cache,
+not in this process), quantized as transformers' `Bnb4bitQuantize` does it (the same skeleton,
+`modules_to_not_convert`, dtype cast and `Params4bit`), and saved in the layout transformers saves for a 4-bit
+model (packed weight + absmax / quant_map / nested_* / quant_state.bitsandbytes__<type>), in shards of
+SHARD_BYTES. An entry is written under a temporary name, its marker last, then renamed into place:
 a killed write is never read.
 """
 
@@ -62,8 +62,9 @@ def prequantized_checkpoint(source: str, quant: BitsAndBytesConfig, dtype: torch
         return out
     skeleton = _quantized_skeleton(config, quant, dtype)
     names = skeleton.state_dict().keys()
-    if any(name not in names for f in files for name in _read_header(Path(source) / f)[0]):
-        return None  # a checkpoint transformers renames on load (older key names): keep its own path
+    entries = [(name, e["dtype"]) for f in files for name, e in _read_header(Path(source) / f)[0].items()]
+    if any(name not in names or kind not in SAFETENSORS_DTYPES for name, kind in entries):
+        return None  # keys transformers renames on load (older names) or a dtype not read here: its own path
     t0 = time.perf_counter()
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache_dir()))
@@ -102,8 +103,11 @@ def _cache_key(source: Path, files: list[str], quant: BitsAndBytesConfig, dtype:
     import bitsandbytes
     import transformers
 
-    read = [f for f in ("config.json", INDEX, *files) if (source / f).is_file()]
-    stats = {f: [(source / f).stat().st_size, (source / f).stat().st_mtime_ns] for f in read}
+    stats = {}
+    for f in ("config.json", INDEX, *files):
+        if (source / f).is_file():
+            st = (source / f).stat()
+            stats[f] = [st.st_size, st.st_mtime_ns]
     return {"source": str(source.resolve()), "files": stats, "quant_type": quant.bnb_4bit_quant_type,
             "double_quant": quant.bnb_4bit_use_double_quant, "compute_dtype": str(quant.bnb_4bit_compute_dtype),
             "dtype": str(dtype), "device": device.type, "bitsandbytes": bitsandbytes.__version__,
