@@ -362,10 +362,11 @@ class TrainConfig:
     """Accelerate trackers, e.g. ['tensorboard'] or ['wandb']."""
     max_bad_steps: int = 3
     """Abort after this many consecutive updates with a non-finite loss or gradient (each one is skipped)."""
-    mmap_threshold_mib: int | None = 1
+    mmap_threshold_mib: int | None = None
     """On CPU with glibc (Linux): every allocation of at least this many MiB gets its own memory mapping,
-    returned to the system when freed, instead of a place on the heap that fragments and stays with the process
-    (what it saves and costs: docs/benchmarks.md, 1B-class bases). 1 to 32; the environment's
+    returned to the system when freed, instead of a place on the heap that fragments and stays with the process.
+    A large 4-bit base gains GBs for a few % CPU; a small model pays more in page faults than a default may
+    cost, hence off (both measured in docs/benchmarks.md, 1B-class bases). 1 to 32; the environment's
     MALLOC_MMAP_THRESHOLD_ wins. Empty: glibc's own (dynamic) threshold."""
     keep_best: str | None = None
     """Keep the adapters of the best evaluation in output_dir/best/ (with best/best.json naming the step and value):
