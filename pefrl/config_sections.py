@@ -44,6 +44,11 @@ class ModelConfig:
     """4-bit data type: 'nf4' or 'fp4'."""
     bnb_4bit_use_double_quant: bool = True
     """Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."""
+    prequantize: bool = True
+    """With quantization '4bit' and a local unquantized safetensors checkpoint: quantize it once, tensor by
+    tensor, into pefrl's cache ($PEFRL_CACHE/quantized, else ~/.cache/pefrl/quantized; reused until the source
+    files change) and load that, so loading never holds the unquantized file (docs/benchmarks.md, 1B-class bases).
+    Bit-identical to quantizing on load. False: quantize on load (transformers' own path)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     logits_chunk_size: int | None = None
@@ -357,6 +362,14 @@ class TrainConfig:
     """Accelerate trackers, e.g. ['tensorboard'] or ['wandb']."""
     max_bad_steps: int = 3
     """Abort after this many consecutive updates with a non-finite loss or gradient (each one is skipped)."""
+    mmap_threshold_mib: int | None = None
+    """On CPU with glibc (Linux): every allocation of at least this many MiB gets its own memory mapping,
+    returned to the system when freed, instead of a place on the heap that fragments and stays with the process.
+    A large 4-bit base gains GBs for a few % CPU (Qwen2.5-1.5B shape, 8 x 16 PPO: 5.7-5.8 -> 3.8 GB, +4-8%);
+    a small unquantized model pays more in page faults (SmolLM2 fp32 PPO +36% CPU). Empty (default): 1 for a
+    4-bit or 8-bit base of at least 1B parameters, glibc's own (dynamic) threshold otherwise (SmolLM2-135M at
+    4-bit paid +27% CPU); 0: glibc's own always; 1 to 32: that.
+    The environment's MALLOC_MMAP_THRESHOLD_ wins. Measured in docs/benchmarks.md, 1B-class bases."""
     keep_best: str | None = None
     """Keep the adapters of the best evaluation in output_dir/best/ (with best/best.json naming the step and value):
     an evaluation metric, higher is better, e.g. eval_reward_mean, eval_pass@4 or eval_reward/<function>. Needs
@@ -365,6 +378,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive("train.steps", self.steps)
+        if self.mmap_threshold_mib is not None:
+            _in_range("train.mmap_threshold_mib", self.mmap_threshold_mib, 0, 32)  # glibc refuses over 32 MiB
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         for name in ("max_grad_norm", "warmup_steps", "eval_every", "save_every", "samples_every"):

@@ -49,6 +49,7 @@ RESUME_SAFE_FIELDS = frozenset({
     "eval.num_samples", "eval.temperature", "eval.correct_threshold",
     "train.keep_best",  # another metric starts a new best; the checkpoint's best is compared only with its own
     "train.save_every", "train.keep_last",  # saving
+    "train.mmap_threshold_mib",  # where the allocator puts blocks, not what is computed
 })
 
 

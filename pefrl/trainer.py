@@ -46,6 +46,7 @@ from pefrl.envs import env_rewards, seed_rows
 from pefrl.evaluation import eval_rows, evaluate, play, prompts_seen, split_rows
 from pefrl.fsdp import check_fsdp, fsdp_requested, shard_models, trim_eval_rows
 from pefrl.fsdp_load import claim_sharded_loading
+from pefrl.heap import auto_mmap_threshold, set_mmap_threshold
 from pefrl.metrics import MetricsWriter, Timer, progress_line
 from pefrl.models import Models, load_models, load_tokenizer, resolve_model_path
 from pefrl.ops.advantages import masked_mean
@@ -109,6 +110,9 @@ def setup(
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.train.trackers or None,
                               project_dir=cfg.output_dir)
     check_supported(accelerator)  # DeepSpeed / Megatron would shard nothing here: stop, don't run unsharded
+    on_cpu = accelerator.device.type == "cpu"
+    if on_cpu and cfg.train.mmap_threshold_mib:
+        set_mmap_threshold(cfg.train.mmap_threshold_mib)  # before loading: the load's blocks too
     resumed_from = resolve_run(cfg)  # None: fresh; refuses a used output_dir or a changed config before loading
     algo = get_algorithm(check_config(cfg).algo)  # a Config built in Python, not loaded, is checked here
     check_dynamic_sampling(cfg, algo, accelerator.num_processes)  # one process, single-turn prompts
@@ -120,6 +124,9 @@ def setup(
     # sharded loading (fsdp_cpu_ram_efficient_loading): no rank holds the whole base, each reads its shard
     from_shards = sharded and claim_sharded_loading()
     models = load_models(cfg.model, cfg.lora, uses_critic=algo.uses_critic, weights=not from_shards)
+    if on_cpu and cfg.train.mmap_threshold_mib is None and auto_mmap_threshold(
+            cfg.model.quantization is not None, models.lm.num_parameters()):
+        set_mmap_threshold(1)  # a large quantized base: its step's freed blocks go back to the system
     if sharded:  # FSDP2: the base sharded over ranks, adapters and value head replicated (pefrl/fsdp.py)
         shard_models(models, accelerator.device, checkpoint=resolve_model_path(cfg.model) if from_shards else None)
         # at setup, not at the first rollout: the lean decoder reads layer weights directly, never where FSDP

@@ -161,8 +161,10 @@ def pefrl_overrides_1b(a: argparse.Namespace, algo: str, quant: str, levers: lis
     o = bench.pefrl_overrides(a, algo, model, model, prompts, out_dir)
     o += ["model.dtype=bfloat16", f"model.quantization={'' if quant == 'bf16' else quant}", "reward.model=",
           f"reward.functions=[{bench.ROOT / 'scripts' / 'bench.py'}:bench_reward]"]
+    o += ["model.critic=adapter"] if algo == "ppo" else []  # the goal's critic adapter (the default is shared)
     o += ["model.gradient_checkpointing=true"] if "gc" in levers else []
     o += [f"model.logits_chunk_size={l[5:]}" for l in levers if l.startswith("chunk")]
+    o += [f"train.mmap_threshold_mib={l[9:-1]}" for l in levers if l.startswith("threshold")]  # e.g. threshold1m
     return o + (["rollout.engine=transformers"] if "hf" in levers else [])  # transformers' generate for the rollout
 
 
@@ -238,7 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(BUILDABLE))
     p.add_argument("--runs", default="pefrl:ppo:4bit,pefrl:grpo:4bit,pefrl:ppo:bf16,pefrl:grpo:bf16,trl:grpo:4bit,"
-                   "trl:ppo:4bit", help="side:algo:quant[:lever+lever] (levers: gc, chunkN, hf, mmapNm, preq: a pre-quantized checkpoint), comma-separated")
+                   "trl:ppo:4bit", help="side:algo:quant[:lever+lever] (levers: gc, chunkN, hf, mmapNm, thresholdNm: "
+                   "train.mmap_threshold_mib=N, preq: a pre-quantized checkpoint), comma-separated")
     p.add_argument("--floor", action="store_true", help="also the floor at 4-bit and bf16 (bench.child_floor)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2, help="prompts per step (PPO: batch_size x num_samples)")

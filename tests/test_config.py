@@ -159,9 +159,9 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
     """A field nothing reads is a lie to the user (TRL has several). Every section records the fields read on it
     from outside config.py (a derived property, e.g. rl.micro_batch_size, reads on its caller's behalf; saving
     or validating the config does not count) while one step of every algorithm, an environment run and a
-    reward-model run with a checkpoint train, and while the 4-bit bitsandbytes config is built."""
+    reward-model run with a checkpoint train, and while a 4-bit base loads."""
     from pefrl.data import load_rows
-    from pefrl.models import quantization_config
+    from pefrl.models import load_base
     from pefrl.trainer import train
 
     monkeypatch.chdir(REPO)
@@ -192,7 +192,7 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
     # a fresh run into the first run's directory: train.overwrite is read only where output_dir holds a run
     train(load_config(REPO / "recipes" / "configs" / f"{runs[0][0]}.yaml",
                       [f"output_dir={tmp_path / '0'}", "train.overwrite=true", *small, *runs[0][1]]))
-    quantization_config(load_config(None, ["model.quantization=4bit"]).model)
+    load_base(load_config(None, ["model.quantization=4bit"]).model)  # the embedded model, quantized via the cache
     # data.split is read where prompts come from a `datasets` source (a CSV here), which no recipe above uses
     (tmp_path / "prompts.csv").write_text("prompt\n1+1=\n")
     load_rows(str(tmp_path / "prompts.csv"), load_config(None, []).data)

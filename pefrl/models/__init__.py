@@ -3,6 +3,8 @@
     models/bundle.py     Models (the base, its adapters, the value head), role names, which parameters are LoRA
     models/adapters.py   use_adapter: switch adapters without touching requires_grad; adapter-aware checkpointing
     models/load.py       model path, tokenizer, the frozen base (quantized or not), load_models
+    models/prequantized.py  a 4-bit base quantized once, tensor by tensor, into pefrl's cache (model.prequantize)
+    models/linear4bit.py    a 4-bit layer's forward on CPU with its weight dequantized into a reused buffer
 
 The forward passes over the bundle are in pefrl.forward, saving and loading adapters in pefrl.adapters_io.
 """

@@ -7,6 +7,7 @@ Sequences are `input_ids = cat(query_ids (B, P) left-padded, response_ids (B, T)
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import sys
 import warnings
@@ -32,6 +33,8 @@ from pefrl.errors import PathError, looks_local
 from pefrl.hub import check_hub_name, missing_model_error
 from pefrl.models.adapters import enable_checkpointing
 from pefrl.models.bundle import CRITIC, POLICY, REFERENCE, Models, ValueHead, is_lora
+from pefrl.models.linear4bit import linear_4bit
+from pefrl.models.prequantized import prequantized_checkpoint
 from pefrl.tiny import default_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,19 +77,24 @@ def load_tokenizer(model_cfg: ModelConfig):
 def load_base(model_cfg: ModelConfig, weights: bool = True) -> PreTrainedModel:
     """The frozen base as training uses it: model.dtype, quantized per model.quantization, dropout off.
 
+    A 4-bit base from a local unquantized safetensors checkpoint is quantized once into pefrl's cache and loaded
+    from there (model.prequantize, `models.prequantized`): loading then never holds the unquantized file.
     weights=False: the base without its weights (every parameter a stand-in, see `base_without_weights`)."""
     if not weights:
         return base_without_weights(model_cfg)
+    source, dtype = resolve_model_path(model_cfg), DTYPES[model_cfg.dtype]
     quant = quantization_config(model_cfg)
-    kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
+    path, kwargs = source, {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
+    if quant is not None and model_cfg.prequantize and not model_cfg.trust_remote_code:
+        cached = prequantized_checkpoint(source, quant, dtype, _load_device())
+        if cached is not None:  # its config carries the quantization
+            path, kwargs = str(cached), {"device_map": kwargs["device_map"]}
     if not sys.stderr.isatty():  # a log file: transformers' "Loading weights" bar would interleave carriage returns
         hf_logging.disable_progress_bar()
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(model_cfg),
-        dtype=DTYPES[model_cfg.dtype],
-        trust_remote_code=model_cfg.trust_remote_code,
-        **kwargs,
+        path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **kwargs
     )
+    base.name_or_path = base.config.name_or_path = source  # the user's base, not the cache entry
     if quant is not None:
         _prepare_quantized(base)
     base.requires_grad_(False)
@@ -175,11 +183,15 @@ def _prepare_quantized(base: PreTrainedModel) -> None:
     - bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel on the first no-grad eval
       forward; we turn that off so the frozen base's bytes never change (and saved/merged weights stay readable).
     - LLM.int8() logs a cast warning on every fp32 matmul; `_Once` lets one through.
+    - A 4-bit layer's forward dequantizes its weight into a reused buffer (pefrl.models.linear4bit: the same
+      result, without the heap a fresh weight per call leaves behind on CPU).
     """
     prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     for module in base.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+        if type(module).__name__ == "Linear4bit":
+            module.forward = functools.partial(linear_4bit, module)
     bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _Once) for f in bnb_logger.filters):
         bnb_logger.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
