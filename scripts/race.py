@@ -356,7 +356,8 @@ def report(saved: dict, plot_path: Path) -> None:
                   f"{statistics.median(run['step_cpu_s']):.2f} CPU s/step")
     a = saved["args"]
     title = (f"{a['model']}: {a['batch_size']}x{a['num_samples']} samples/step, lr {a['lr']} constant, "
-             f"kl {a['kl_coef']}, {a['eval_size']} held-out prompts")
+             f"kl {a['kl_coef']}, {a['eval_size']} held-out prompts"
+             + (f", mean of seeds {a['seeds']}" if saved.get("seeds") else ""))
     print(f"\nplot: {plot(results, plot_path, title)}")
 
 
