@@ -8,6 +8,8 @@ and its value is read there too (the state before the action, as in lm-human-pre
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -42,7 +44,12 @@ def _response_hidden(models: Models, input_ids: torch.Tensor, attention_mask: to
 
 def shared_prompts(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Rows with the same (left-padded) prompt: (first (U,) the first row of each distinct prompt, inverse (B,)
-    the index into `first` of each row's prompt), or None when no two rows share one."""
+    the index into `first` of each row's prompt), or None when no two rows share one, or when the environment
+    sets PEFRL_SHARE_PROMPTS=0: sharing runs matmuls over fewer rows, whose sums round differently with the
+    per-rank batch, so N ranks reproduce one rank only to rounding (which AdamW can magnify where a gradient
+    is ~0); 0 keeps the bit-for-bit match (docs/distributed.md)."""
+    if os.environ.get("PEFRL_SHARE_PROMPTS", "1") == "0":
+        return None
     rows = torch.cat([query_ids, query_mask.to(query_ids.dtype)], dim=1)  # (B, 2P): ids and padding alike
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
     if len(distinct) == len(rows):

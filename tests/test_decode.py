@@ -253,3 +253,13 @@ def test_repeated_prompts_in_the_update_forward_give_the_whole_forward_and_its_g
 
 def monkeypatch_context():
     return pytest.MonkeyPatch.context()
+
+
+def test_sharing_is_off_with_pefrl_share_prompts_0(monkeypatch):
+    from pefrl.forward import shared_prompts
+
+    ids, mask = torch.tensor([[5, 6], [5, 6], [7, 8]]), torch.ones(3, 2, dtype=torch.long)
+    first, inverse = shared_prompts(ids, mask)
+    assert first.tolist() == [0, 2] and inverse.tolist() == [0, 0, 1]
+    monkeypatch.setenv("PEFRL_SHARE_PROMPTS", "0")
+    assert shared_prompts(ids, mask) is None
