@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from pefrl import arch
@@ -58,7 +57,7 @@ def unsupported_reason(models: Models) -> str | None:
     if not projections:
         supported = [name for name, fam in arch.FAMILIES.items() if fam.lean_projections]
         return f"model_type {cfg.model_type!r} (supported: {', '.join(supported)})"
-    if any(isinstance(p, DTensor) for p in lm.parameters()):
+    if arch.is_fsdp_sharded(lm):
         return "FSDP-sharded base (the sampler reads weights directly; FSDP gathers them only inside forward)"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp != 1"

@@ -25,9 +25,8 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from pefrl.arch import positions_from_mask
+from pefrl.arch import is_fsdp_sharded, positions_from_mask
 from pefrl.arch.llama import Groups, lora_linear
 from pefrl.models import Models
 
@@ -37,7 +36,7 @@ ROUTED_BASES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
 
 def unsupported_reason(models: Models) -> str | None:
     """Why the generic stepper cannot run these models (None: it can)."""
-    if any(isinstance(p, DTensor) for p in models.lm.parameters()):
+    if is_fsdp_sharded(models.lm):
         # FSDP all-gathers inside each layer's forward, so every rank must run the same number of steps; the loop
         # stops when this rank's rows end (HF generate synchronises ranks with synced_gpus instead)
         return "FSDP-sharded base (ranks would run different numbers of decode steps)"

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from pefrl.arch import LogitsHead, positions_from_mask
+from pefrl.arch import LogitsHead, is_fsdp_sharded, positions_from_mask
 from pefrl.arch.llama import upper_layers
 from pefrl.models import CRITIC, POLICY, Models, use_adapter
 from pefrl.ops.logprobs import chunked_logprobs, entropy_from_logits, linear_logprobs, selective_logprobs
@@ -64,7 +63,7 @@ def _can_share(lm) -> bool:
     checkpointing (transformers drops the cache there) nor FSDP (its sharded forward is left as it is)."""
     if getattr(lm, "is_activation_checkpointing", False):
         return False
-    return not any(isinstance(p, DTensor) for p in lm.parameters())
+    return not is_fsdp_sharded(lm)
 
 
 def _shared_prompt_hidden(trunk, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

@@ -25,6 +25,7 @@ from pefrl.arch.base import (
     context_length,
     decoder_layers,
     disable_dropout,
+    is_fsdp_sharded,
     is_linear,
     linear_module_names,
     positions_from_mask,
@@ -35,7 +36,7 @@ FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, qwen2, m
 """model_type -> its family."""
 
 __all__ = ["FAMILIES", "GENERIC", "Family", "LogitsHead", "all_linear_targets", "context_length", "decoder_layers",
-           "default_target_modules", "disable_dropout", "family", "is_linear", "linear_module_names",
+           "default_target_modules", "disable_dropout", "family", "is_fsdp_sharded", "is_linear", "linear_module_names",
            "positions_from_mask", "resolve_target_modules", "stores_transposed"]
 
 

@@ -33,6 +33,11 @@ GENERIC = Family("generic")
 """Any family without a file: no lean decoder."""
 
 
+def is_fsdp_sharded(module: nn.Module) -> bool:
+    """True when any parameter of `module` is an FSDP2 shard (a DTensor): only its own forward gathers it."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def is_linear(module: nn.Module) -> bool:
     """A layer LoRA can wrap as a linear map: nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt are
     subclasses) or transformers' Conv1D (GPT-2); peft's "all-linear" counts the same classes."""
