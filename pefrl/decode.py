@@ -39,7 +39,7 @@ from pefrl import arch
 from pefrl.arch import LogitsHead, positions_from_mask
 from pefrl.arch.llama import Groups, forward_cached, layers, new_cache
 from pefrl.config import RolloutConfig
-from pefrl.decode_generic import GenericStepper
+from pefrl.decode_generic import GenericStepper, shared_rows
 from pefrl.forward import shared_prompts
 from pefrl.models import POLICY, Models
 from pefrl.ops.logprobs import epsilon_mixture, step_policy, tempered
@@ -203,11 +203,8 @@ class LeanStepper:
     def _prefill_shared(self, ids: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, inverse: torch.Tensor):
         """Why: a group method samples each prompt num_samples times, and the prefill of R = copies x B rows of
         long chat prompts is most of a short rollout's work; it costs U / B of that here."""
-        B, U, P = len(inverse), len(first), ids.shape[1]
-        copies = len(self.groups)  # row groups of B rows each: the policy's, the reference's
-        run = torch.cat([first + c * B for c in range(copies)])  # (copies * U,) rows that run
-        back = torch.cat([inverse + c * U for c in range(copies)])  # (R,) each row's row among them
-        groups = [(slice(c * U, (c + 1) * U), name) for c, (_, name) in enumerate(self.groups)]
+        U, P = len(first), ids.shape[1]
+        run, back, groups = shared_rows(self.groups, first, inverse)  # the policy's and the reference's groups
         capture = None if self.capture is None else (self.capture[0], slice(U, 2 * U))  # the reference rows
         small = new_cache(self.lm, len(run), P, self.lm.model.embed_tokens.weight)
         small.key_mask[:] = mask[run].bool()
@@ -262,8 +259,7 @@ def sample(models: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, cf
     N = cfg.max_new_tokens
     stepper, capturing = _stepper(models, engine, B, P + N, with_reference, with_values, with_critic_inputs)
     shared = shared_prompts(query_ids, query_mask)  # a group's samples: their prompt is prefilled once
-    logits, hidden, captured = stepper.prefill(query_ids.repeat(copies, 1), query_mask.repeat(copies, 1),
-                                               *([shared] if shared is not None else []))
+    logits, hidden, captured = stepper.prefill(query_ids.repeat(copies, 1), query_mask.repeat(copies, 1), shared)
     critic_inputs = [captured]
     eos = torch.tensor(eos_ids, device=query_ids.device)
     finished = torch.zeros(B, dtype=torch.bool, device=query_ids.device)

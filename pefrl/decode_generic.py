@@ -68,6 +68,17 @@ def routed(layers: list[nn.Module], groups: Groups) -> Iterator[None]:
             module.__dict__.pop("forward", None)
 
 
+def shared_rows(groups: Groups, first: torch.Tensor, inverse: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, Groups]:
+    """For a prefill that runs each distinct prompt once per row group: row groups of B rows each over U
+    distinct prompts (pefrl.forward.shared_prompts: first (U,), inverse (B,)) -> (run (copies * U,) the rows
+    that run, back (R,) each row's row among them, the row groups of the rows that run)."""
+    B, U = len(inverse), len(first)
+    run = torch.cat([first + c * B for c in range(len(groups))])
+    back = torch.cat([inverse + c * U for c in range(len(groups))])
+    return run, back, [(slice(c * U, (c + 1) * U), name) for c, (_, name) in enumerate(groups)]
+
+
 class GenericStepper:
     """One decode batch of row groups through the model's own forward with a cache. `prefill` and `step` return
     (last-position logits (R, V), last hidden states (R, H) or None, None)."""
@@ -94,11 +105,7 @@ class GenericStepper:
         self.mask = mask
         if shared is None:
             return self._forward(ids, positions_from_mask(mask))
-        first, inverse = shared
-        B, U = len(inverse), len(first)
-        run = torch.cat([first + c * B for c in range(len(self.groups))])  # (copies * U,) rows that run
-        back = torch.cat([inverse + c * U for c in range(len(self.groups))])  # (R,) each row's row among them
-        groups = [(slice(c * U, (c + 1) * U), name) for c, (_, name) in enumerate(self.groups)]
+        run, back, groups = shared_rows(self.groups, *shared)
         self.mask = mask[run]
         logits, hidden, _ = self._forward(ids[run], positions_from_mask(self.mask), groups)
         self.cache.batch_select_indices(back)
