@@ -18,7 +18,6 @@ rank 0's peak at the whole base; reading from the file lets every rank stop at i
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -27,9 +26,8 @@ from safetensors import safe_open
 from torch import nn
 
 from pefrl.models.load import is_stand_in
+from pefrl.models.prequantized import INDEX, SINGLE, checkpoint_files, read_header
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 VARIABLE = "FSDP_CPU_RAM_EFFICIENT_LOADING"
 CLAIMED = "PEFRL_" + VARIABLE  # the launcher's value, kept once pefrl has claimed the setting
 
@@ -55,12 +53,9 @@ def checkpoint_tensors(model_dir: str) -> dict[str, Path]:
         from huggingface_hub import snapshot_download
 
         root = Path(snapshot_download(model_dir, allow_patterns=["*.safetensors", INDEX, "*.json"]))
-    if (root / INDEX).is_file():
-        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-        return {name: root / file for name, file in weight_map.items()}
-    if (root / SINGLE).is_file():
-        with safe_open(str(root / SINGLE), framework="pt") as f:
-            return dict.fromkeys(f.keys(), root / SINGLE)
+    files = checkpoint_files(root)
+    if files is not None:
+        return {name: root / f for f in files for name in read_header(root / f)[0]}
     raise FileNotFoundError(f"{model_dir} has no {SINGLE} or {INDEX}: FSDP's sharded loading reads safetensors "
                             "only; set fsdp_config.fsdp_cpu_ram_efficient_loading: false to load it through "
                             "transformers (every rank then holds the whole base while loading)")

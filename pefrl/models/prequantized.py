@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SHARD_BYTES = 256 * 2**20
 """Output is held in memory one shard at a time; save_file copies a shard once more while writing it."""
+SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -49,7 +50,7 @@ def prequantized_checkpoint(source: str, quant: BitsAndBytesConfig, dtype: torch
     """The cached 4-bit checkpoint of the local checkpoint `source`, written first if missing; None where this
     path does not apply (not a local directory of unquantized safetensors, not 4-bit, or keys that transformers
     would rename on load): the caller then quantizes on load as before."""
-    files = _source_files(Path(source))
+    files = checkpoint_files(Path(source))
     if not quant.load_in_4bit or files is None:
         return None
     config = AutoConfig.from_pretrained(source)
@@ -62,7 +63,7 @@ def prequantized_checkpoint(source: str, quant: BitsAndBytesConfig, dtype: torch
         return out
     skeleton = _quantized_skeleton(config, quant, dtype)
     names = skeleton.state_dict().keys()
-    entries = [(name, e["dtype"]) for f in files for name, e in _read_header(Path(source) / f)[0].items()]
+    entries = [(name, e["dtype"]) for f in files for name, e in read_header(Path(source) / f)[0].items()]
     if any(name not in names or kind not in SAFETENSORS_DTYPES for name, kind in entries):
         return None  # keys transformers renames on load (older names) or a dtype not read here: its own path
     t0 = time.perf_counter()
@@ -88,10 +89,11 @@ def prequantized_checkpoint(source: str, quant: BitsAndBytesConfig, dtype: torch
 # --- the source checkpoint ----------------------------------------------------------------------------------
 
 
-def _source_files(source: Path) -> list[str] | None:
-    """The safetensors files of a local checkpoint directory (one file, or the shards its index names)."""
-    if (source / "model.safetensors").is_file():
-        return ["model.safetensors"]
+def checkpoint_files(source: Path) -> list[str] | None:
+    """The safetensors files of a local checkpoint directory (one file, or the shards its index names; the one
+    file first, as transformers looks), or None when it has neither."""
+    if (source / SINGLE).is_file():
+        return [SINGLE]
     if (source / INDEX).is_file():
         return sorted(set(json.loads((source / INDEX).read_text())["weight_map"].values()))
     return None
@@ -114,7 +116,7 @@ def _cache_key(source: Path, files: list[str], quant: BitsAndBytesConfig, dtype:
             "transformers": transformers.__version__}
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+def read_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's tensor entries {name: {dtype, shape, data_offsets}} and where its data starts:
     an 8-byte little-endian header length, then that many bytes of JSON."""
     with open(path, "rb") as f:
@@ -127,7 +129,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
 def _read_tensors(path: Path):
     """Yield (name, tensor) for each tensor of a safetensors file, in file order, each read into its own buffer:
     nothing of the file stays mapped in this process."""
-    header, start = _read_header(path)
+    header, start = read_header(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
