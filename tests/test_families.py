@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pefrl import export as ex
@@ -68,6 +69,20 @@ def test_lora_adapts_every_linear_layer_of_the_decoder_blocks(model_dirs, arch):
     assert adapted == linears  # all of them, in both layers (GPT-2's c_proj twice per layer: attention and MLP)
     assert not any("lm_head" in n or "embed" in n for n in adapted)
     assert adapted_modules(models.model) == f"{len(adapted)} modules = 2 layers x ({', '.join(EXPECTED[arch])})"
+
+
+@pytest.mark.parametrize("arch", MODEL_TYPES)
+def test_the_output_head_gets_a_contiguous_input_in_generate(model_dirs, arch):
+    # generate's prefill keeps the last position (hidden[:, -1:, :], strided); on CPU a strided 3-D bf16 input
+    # made F.linear copy the head once per row (19 s and +1.6 GiB per prefill for a 1B base): load_base hooks the
+    # head so it is always handed a contiguous input, and the logits are those of the contiguous rows
+    base = load_base(ModelConfig(name_or_path=str(model_dirs[arch]), dtype="bfloat16"))
+    head, seen = base.get_output_embeddings(), []
+    head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))  # after load_base's
+    head.register_forward_hook(lambda m, args, out: seen.append(torch.equal(out, F.linear(args[0], m.weight, m.bias))))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert seen and all(seen)
 
 
 def test_same_named_linears_outside_the_blocks_are_excluded(model_dirs):

@@ -23,6 +23,7 @@ from pefrl.arch.base import (
     LogitsHead,
     all_linear_targets,
     context_length,
+    contiguous_head_input,
     decoder_layers,
     disable_dropout,
     is_fsdp_sharded,
@@ -35,9 +36,10 @@ from pefrl.arch.base import (
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, qwen2, mistral)}
 """model_type -> its family."""
 
-__all__ = ["FAMILIES", "GENERIC", "Family", "LogitsHead", "all_linear_targets", "context_length", "decoder_layers",
-           "default_target_modules", "disable_dropout", "family", "is_fsdp_sharded", "is_linear", "linear_module_names",
-           "positions_from_mask", "resolve_target_modules", "stores_transposed"]
+__all__ = ["FAMILIES", "GENERIC", "Family", "LogitsHead", "all_linear_targets", "context_length",
+           "contiguous_head_input", "decoder_layers", "default_target_modules", "disable_dropout", "family",
+           "is_fsdp_sharded", "is_linear", "linear_module_names", "positions_from_mask", "resolve_target_modules",
+           "stores_transposed"]
 
 
 def family(model_type: str | None) -> Family:

@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from pefrl.arch import disable_dropout, resolve_target_modules, stores_transposed
+from pefrl.arch import contiguous_head_input, disable_dropout, resolve_target_modules, stores_transposed
 from pefrl.config import LoraConfig, ModelConfig
 from pefrl.errors import PathError, looks_local
 from pefrl.hub import check_hub_name, missing_model_error
@@ -81,7 +81,9 @@ def load_base(model_cfg: ModelConfig, weights: bool = True) -> PreTrainedModel:
     from there (model.prequantize, `models.prequantized`): loading then never holds the unquantized file.
     weights=False: the base without its weights (every parameter a stand-in, see `base_without_weights`)."""
     if not weights:
-        return base_without_weights(model_cfg)
+        base = base_without_weights(model_cfg)
+        contiguous_head_input(base)
+        return base
     source, dtype = resolve_model_path(model_cfg), DTYPES[model_cfg.dtype]
     quant = quantization_config(model_cfg)
     path, kwargs = source, {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
@@ -99,6 +101,7 @@ def load_base(model_cfg: ModelConfig, weights: bool = True) -> PreTrainedModel:
         _prepare_quantized(base)
     base.requires_grad_(False)
     disable_dropout(base)
+    contiguous_head_input(base)
     return base
 
 
