@@ -125,8 +125,9 @@ def setup(
     from_shards = sharded and claim_sharded_loading()
     models = load_models(cfg.model, cfg.lora, uses_critic=algo.uses_critic, weights=not from_shards)
     if on_cpu and cfg.train.mmap_threshold_mib is None and auto_mmap_threshold(
-            cfg.model.quantization is not None, models.lm.num_parameters()):
-        set_mmap_threshold(1)  # a large quantized base: its step's freed blocks go back to the system
+            cfg.model.quantization is not None, models.lm.num_parameters(), sharded):
+        set_mmap_threshold(1)  # a large quantized or sharded base: freed blocks go back to the system (before
+        # shard_models: a sharded load's blocks too)
     if sharded:  # FSDP2: the base sharded over ranks, adapters and value head replicated (pefrl/fsdp.py)
         shard_models(models, accelerator.device, checkpoint=resolve_model_path(cfg.model) if from_shards else None)
         # at setup, not at the first rollout: the lean decoder reads layer weights directly, never where FSDP

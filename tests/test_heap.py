@@ -38,9 +38,11 @@ def test_the_environment_wins(monkeypatch):
     assert not set_mmap_threshold(1)
 
 
-def test_the_default_threshold_is_one_mib_for_a_large_quantized_base_only():
+def test_the_default_threshold_is_one_mib_for_a_large_quantized_or_sharded_base_only():
     from pefrl.heap import auto_mmap_threshold
 
     assert auto_mmap_threshold(quantized=True, n_params=1_543_714_304) == 1  # the Qwen2.5-1.5B shape
     assert auto_mmap_threshold(quantized=True, n_params=134_515_008) == 0  # SmolLM2-135M: +27% CPU for it
     assert auto_mmap_threshold(quantized=False, n_params=8 * 10**9) == 0
+    assert auto_mmap_threshold(quantized=False, n_params=1_235_814_400, sharded=True) == 1  # Llama-3.2-1B, FSDP
+    assert auto_mmap_threshold(quantized=False, n_params=134_515_008, sharded=True) == 0
