@@ -367,8 +367,9 @@ class TrainConfig:
     returned to the system when freed, instead of a place on the heap that fragments and stays with the process.
     A large 4-bit base gains GBs for a few % CPU (Qwen2.5-1.5B shape, 8 x 16 PPO: 5.7-5.8 -> 3.8 GB, +4-8%);
     a small unquantized model pays more in page faults (SmolLM2 fp32 PPO +36% CPU). Empty (default): 1 for a
-    4-bit or 8-bit base of at least 1B parameters, glibc's own (dynamic) threshold otherwise (SmolLM2-135M at
-    4-bit paid +27% CPU); 0: glibc's own always; 1 to 32: that.
+    base of at least 1B parameters that is 4-bit or 8-bit or sharded by FSDP (Llama-3.2-1B shape, 2 FSDP ranks:
+    2.65 -> 2.48 GB load peak, same speed), glibc's own (dynamic) threshold otherwise (SmolLM2-135M at 4-bit paid
+    +27% CPU); 0: glibc's own always; 1 to 32: that.
     The environment's MALLOC_MMAP_THRESHOLD_ wins. Measured in docs/benchmarks.md, 1B-class bases."""
     keep_best: str | None = None
     """Keep the adapters of the best evaluation in output_dir/best/ (with best/best.json naming the step and value):

@@ -93,11 +93,13 @@ def base_bytes(s: Shape, quant: str = "bf16", other_bytes: float | None = None) 
     return linear * QUANT_BYTES[quant] + scales + other * other_bytes
 
 
-def fsdp_rank_base_bytes(s: Shape, world: int, elem: float = 2.0, gathered_layers: int = 1) -> float:
+def fsdp_rank_base_bytes(s: Shape, world: int, elem: float = 2.0, gathered_layers: int = 3) -> float:
     """Base weights one rank holds under pefrl's FSDP2 (pefrl/fsdp.py): 1/world of every decoder layer, the
-    embeddings, final norm (and an untied lm_head) replicated, plus `gathered_layers` whole layers all-gathered
-    while they run (reshard_after_forward frees each after its forward; backward gathers it again). An unsharded
-    base (world 1) is base_bytes. elem: bytes per weight (bf16: 2)."""
+    embeddings, final norm (and an untied lm_head) replicated, plus `gathered_layers` whole layers' worth while
+    a layer runs (reshard_after_forward frees each after its forward; backward gathers it again). 3, measured
+    (scripts/fsdp_layers_held.py, gloo on CPU): a layer's all-gather output and the parameters copied out of it,
+    and one more layer's worth live at the same time, in the forward and the backward alike. An unsharded base
+    (world 1) is base_bytes. elem: bytes per weight (bf16: 2)."""
     if world == 1:
         return elem * s.params
     layer = s.layer_linear_params + s.layer_other_params
@@ -247,7 +249,7 @@ def cpu_peak_bytes(s: Shape, quant: str, rows: int, seq_len: int, response_len: 
     embeddings and norms upcast to fp32), trainable state, and one pass's activations and logits.
     fsdp_world > 1: the bf16 base sharded over that many ranks (fsdp_rank_base_bytes). sharded_loading
     (fsdp_cpu_ram_efficient_loading, pefrl/fsdp_load.py): a rank loads only that share (one tensor's file pages
-    mapped at a time; one layer gathered by the forward that settles FSDP's root); without it every rank loads
+    mapped at a time; then the forward that settles FSDP's root gathers layers); without it every rank loads
     the whole base first, so the load term is the unsharded one."""
     elem = 4 if quant == "fp32" else 2
     if file_bytes is None:
