@@ -85,6 +85,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="tiny | smollm2 | PATH")
     p.add_argument("--quant", default=None, choices=["4bit", "8bit"], help="load the base with bitsandbytes")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model.dtype of the base")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
@@ -92,7 +93,7 @@ def main() -> None:
     p.add_argument("--critic", action="store_true", help="also time the critic adapter's own forward")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    model_cfg = ModelConfig(name_or_path=str(bench.resolve_model(a.model)), quantization=a.quant)
+    model_cfg = ModelConfig(name_or_path=str(bench.resolve_model(a.model)), quantization=a.quant, dtype=a.dtype)
     models = load_models(model_cfg, LoraConfig(r=16, alpha=32, dropout=0.0,
                                                target_modules=bench.LLAMA_TARGETS.split(",")), uses_critic=a.critic)
     with torch.no_grad():
@@ -107,7 +108,7 @@ def main() -> None:
         times = {name: best_of(fn, a.repeats)
                  for name, fn in engine_rows(models, tokenizer, prompts, cfg, a.critic).items()}
     tokens = a.batch * a.max_new_tokens
-    print(f"{a.model} {a.quant or 'unquantized'}: {a.batch} rows x {a.max_new_tokens} tokens, {a.threads} "
+    print(f"{a.model} {a.quant or 'unquantized'} {a.dtype}: {a.batch} rows x {a.max_new_tokens} tokens, {a.threads} "
           f"thread(s), best of {a.repeats}")
     print("| | wall (s) | CPU (s) | tokens / CPU s | CPU vs generate + reference |\n|---|---|---|---|---|")
     hf_cpu = times["generate + separate reference forward"][1]

@@ -16,8 +16,8 @@ torch.set_num_threads(1)
 PROMPTS = ["1+2=", "33+44+5=", "the answer is", "7"]  # different lengths: left padding differs per row
 
 
-def _setup(model_dir, uses_critic=False, critic="adapter", critic_layers=None):
-    cfg = ModelConfig(name_or_path=model_dir, critic=critic, critic_layers=critic_layers)
+def _setup(model_dir, uses_critic=False, critic="adapter", critic_layers=None, dtype="float32"):
+    cfg = ModelConfig(name_or_path=model_dir, critic=critic, critic_layers=critic_layers, dtype=dtype)
     models = load_models(cfg, LoraConfig(r=4), uses_critic=uses_critic)
     with torch.no_grad():  # adapters that differ from the base and from each other
         for i, (n, p) in enumerate(models.model.named_parameters()):
@@ -136,6 +136,15 @@ def test_sampling_stores_projection_weights_input_major_in_place(model_dirs):
         torch.testing.assert_close(policy_forward(models, ids, mask, 2, 1.0)[0], logprobs_before, rtol=0, atol=1e-5)
     decode._store_input_major(lm)
     assert q.stride() == (1, q.shape[0]) and torch.equal(q, before)
+
+
+def test_bf16_projection_weights_keep_their_layout(model_dirs):
+    """bf16 weights stay (out, in)-major: the transposed layout made bf16 decoding slower (decode._store_input_major)."""
+    models, tok = _setup(model_dirs["llama"], dtype="bfloat16")
+    q = models.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert q.dtype == torch.bfloat16
+    _sample(models, tok, RolloutConfig(max_new_tokens=2))
+    assert q.stride() == (q.shape[1], 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
