@@ -6,15 +6,17 @@ pefrl/decode_generic.py).
     python scripts/bench_decode.py --model tiny              # the benchmark's tiny Llama (scripts/bench.py)
     python scripts/bench_decode.py --model smollm2 --repeats 3
     python scripts/bench_decode.py --model smollm2 --repeats 3 --quant 4bit
+    python scripts/bench_decode.py --model family:qwen3 --repeats 3   # any family of pefrl.tiny, built at 256 x 4
 
 Every row is forced to --max-new-tokens (EOS ignored) so all engines generate the same number of tokens; LoRA
-B is random so the adapter matters. Prints the best of --repeats wall times (after one warm-up call), CPU times
+B is random so the adapter matters. LoRA goes on every linear layer of the decoder blocks (pefrl's default). Prints the best of --repeats wall times (after one warm-up call), CPU times
 and tokens per CPU second.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -27,6 +29,16 @@ from pefrl.config import LoraConfig, ModelConfig, RolloutConfig
 from pefrl.forward import critic_values, reference_logprobs
 from pefrl.models import load_models, load_tokenizer
 from pefrl.rollout import generate
+
+
+def family_model(arch: str, out_dir: str) -> str:
+    """A random `arch` model (pefrl.tiny: hidden 256, 4 layers, 4 heads) saved with the tiny BPE tokenizer."""
+    from pefrl.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    build_model(arch, tok, hidden_size=256, num_layers=4).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 def best_of(fn, repeats: int) -> tuple[float, float]:
@@ -83,7 +95,7 @@ def engine_rows(models, tokenizer, prompts, cfg, critic: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny | smollm2 | PATH")
+    p.add_argument("--model", default="tiny", help="tiny | smollm2 | PATH | family:ARCH (pefrl.tiny.MODEL_TYPES)")
     p.add_argument("--quant", default=None, choices=["4bit", "8bit"], help="load the base with bitsandbytes")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model.dtype of the base")
     p.add_argument("--batch", type=int, default=16)
@@ -93,9 +105,12 @@ def main() -> None:
     p.add_argument("--critic", action="store_true", help="also time the critic adapter's own forward")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    model_cfg = ModelConfig(name_or_path=str(bench.resolve_model(a.model)), quantization=a.quant, dtype=a.dtype)
-    models = load_models(model_cfg, LoraConfig(r=16, alpha=32, dropout=0.0,
-                                               target_modules=bench.LLAMA_TARGETS.split(",")), uses_critic=a.critic)
+    if a.model.startswith("family:"):
+        path = family_model(a.model.removeprefix("family:"), tempfile.mkdtemp(prefix="pefrl-bench-decode-"))
+    else:
+        path = str(bench.resolve_model(a.model))
+    model_cfg = ModelConfig(name_or_path=path, quantization=a.quant, dtype=a.dtype)
+    models = load_models(model_cfg, LoraConfig(r=16, alpha=32, dropout=0.0), uses_critic=a.critic)
     with torch.no_grad():
         for name, param in models.model.named_parameters():
             if "lora_B" in name:
