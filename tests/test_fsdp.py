@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from pefrl.config import LoraConfig, ModelConfig
 from pefrl.arch import decoder_layers
+from pefrl.config_sections import ConfigError
 from pefrl.fsdp import check_fsdp, fsdp_requested, sharded_numel, trim_eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_check_fsdp_refuses_quantized_bases_environments_trpo_and_unimplemented_
     with pytest.raises(ValueError, match="fsdp_config.fsdp_offload_params: true is not implemented"):
         check(cfg())
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
-    with pytest.raises(ValueError, match="model.quantization=4bit with FSDP.*ddp.yaml"):
+    with pytest.raises(ConfigError, match="model.quantization=4bit with FSDP.*ddp.yaml"):  # one line in the CLI
         check(cfg(quant="4bit"))
     with pytest.raises(ValueError, match="env.name=pkg:Env with FSDP.*different numbers of turns"):
         check(cfg(env="pkg:Env"))
