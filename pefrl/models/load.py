@@ -81,9 +81,7 @@ def load_base(model_cfg: ModelConfig, weights: bool = True) -> PreTrainedModel:
     from there (model.prequantize, `models.prequantized`): loading then never holds the unquantized file.
     weights=False: the base without its weights (every parameter a stand-in, see `base_without_weights`)."""
     if not weights:
-        base = base_without_weights(model_cfg)
-        contiguous_head_input(base)
-        return base
+        return base_without_weights(model_cfg)
     source, dtype = resolve_model_path(model_cfg), DTYPES[model_cfg.dtype]
     quant = quantization_config(model_cfg)
     path, kwargs = source, {} if quant is None else {"quantization_config": quant, "device_map": {"": _load_device()}}
@@ -99,6 +97,11 @@ def load_base(model_cfg: ModelConfig, weights: bool = True) -> PreTrainedModel:
     base.name_or_path = base.config.name_or_path = source  # the user's base, not the cache entry
     if quant is not None:
         _prepare_quantized(base)
+    return _frozen(base)
+
+
+def _frozen(base: PreTrainedModel) -> PreTrainedModel:
+    """What every base gets, loaded or built without weights: frozen, dropout off, a contiguous head input."""
     base.requires_grad_(False)
     disable_dropout(base)
     contiguous_head_input(base)
@@ -137,9 +140,7 @@ def base_without_weights(model_cfg: ModelConfig) -> PreTrainedModel:
     except OSError:
         pass
     base.eval()  # from_pretrained's mode; from_config builds in train mode
-    base.requires_grad_(False)
-    disable_dropout(base)
-    return base
+    return _frozen(base)
 
 
 def is_stand_in(p: torch.Tensor) -> bool:
