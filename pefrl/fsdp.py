@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from pefrl.arch import decoder_layers
-from pefrl.config_sections import ConfigError
+from pefrl.config import ConfigError
 from pefrl.fsdp_load import fill_from_checkpoint
 from pefrl.models import Models, lora_parameters
 from pefrl.models.load import is_stand_in
@@ -69,18 +69,18 @@ def check_fsdp(cfg, fsdp_ok: bool) -> None:
     for var, key in UNHONOURED.items():
         if os.environ.get(var, "false").lower() == "true":
             raise ConfigError(f"fsdp_config.{key}: true is not implemented by pefrl's FSDP2 sharding (pefrl/fsdp.py): "
-                             "set it to false (for activation checkpointing use model.gradient_checkpointing)")
+                              "set it to false (for activation checkpointing use model.gradient_checkpointing)")
     if cfg.model.quantization is not None:
         raise ConfigError(f"model.quantization={cfg.model.quantization} with FSDP: bitsandbytes weights cannot be "
-                         "sharded by fully_shard; use a quantized base with recipes/accelerate/ddp.yaml instead")
+                          "sharded by fully_shard; use a quantized base with recipes/accelerate/ddp.yaml instead")
     if cfg.env.name:
         raise ConfigError(f"env.name={cfg.env.name} with FSDP: episodes end after different numbers of turns on "
-                         "each rank, and every sharded forward is a collective; use ddp.yaml for environments")
+                          "each rank, and every sharded forward is a collective; use ddp.yaml for environments")
     if not fsdp_ok:
         # TRPO's Fisher-vector products backpropagate again through a retained graph, whose gathered weights
         # FSDP frees after the first backward ("setStorage ... out of bounds for storage of size 0")
         raise ConfigError(f"algo={cfg.algo} with FSDP: its own update loop (double backward through a retained "
-                         "graph) does not run on a sharded base; use ddp.yaml")
+                          "graph) does not run on a sharded base; use ddp.yaml")
 
 
 def adapter_parameters(models: Models) -> set[nn.Parameter]:

@@ -9,8 +9,8 @@ pefrl/decode_generic.py).
     python scripts/bench_decode.py --model family:qwen3 --repeats 3   # any family of pefrl.tiny, built at 256 x 4
 
 Every row is forced to --max-new-tokens (EOS ignored) so all engines generate the same number of tokens; LoRA
-B is random so the adapter matters. LoRA goes on every linear layer of the decoder blocks (pefrl's default). Prints the best of --repeats wall times (after one warm-up call), CPU times
-and tokens per CPU second.
+(on every linear layer of the decoder blocks, pefrl's default) has a random B so the adapter matters. Prints the
+best of --repeats wall times (after one warm-up call), CPU times and tokens per CPU second.
 """
 
 from __future__ import annotations

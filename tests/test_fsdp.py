@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from pefrl.config import LoraConfig, ModelConfig
 from pefrl.arch import decoder_layers
-from pefrl.config_sections import ConfigError
+from pefrl.config import ConfigError
 from pefrl.fsdp import check_fsdp, fsdp_requested, sharded_numel, trim_eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
