@@ -14,6 +14,7 @@ Linear4bit.forward and bitsandbytes' MatMul4Bit backward, so the same results to
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ def _plain_cpu_case(module, state, x: torch.Tensor) -> bool:
             and _kernel(state.quant_type, state.dtype) is not None)
 
 
+@functools.cache  # looked up for every 4-bit forward: once per (quant type, dtype) is enough
 def _kernel(quant_type: str, dtype: torch.dtype):
     from bitsandbytes.cextension import lib
 
