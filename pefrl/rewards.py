@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from pefrl.config import RewardConfig
+from pefrl.config import ConfigError, RewardConfig
 from pefrl.errors import PefrlError
 from pefrl.saved import reward_name, unimportable_name
 
@@ -425,5 +425,5 @@ def build_scorer(cfg: RewardConfig, extra: Sequence[tuple[str, RewardFn]] = ()) 
     if cfg.model:
         functions.append(("reward_model", RewardModel(cfg.model), cfg.model_weight))
     if not functions:
-        raise ValueError("no reward: set reward.functions and/or reward.model")
+        raise ConfigError("no reward: set reward.functions and/or reward.model")
     return Scorer(functions, on_error=cfg.on_error, timeout_s=cfg.timeout_s, workers=cfg.workers)

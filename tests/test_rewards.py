@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pefrl.config import RewardConfig
+from pefrl.config import ConfigError, RewardConfig
 from pefrl.rewards import RewardError, Scorer, build_scorer, load_function
 
 
@@ -187,3 +187,9 @@ def test_reduce_stats_weights_means_by_samples_and_sums_counts():
     got = reduce_stats(rank0, 2, lambda t: t + other)
     assert got == {"reward_failures": 3.0, "reward_batch_retries": 1.0, "reward/r": pytest.approx((2 * 1.0 + 4 * 0.25) / 6)}
     assert reduce_stats(rank0, 2, lambda t: t) == rank0  # one rank: unchanged
+
+
+def test_no_reward_at_all_is_a_config_error():
+    # a ConfigError, so the CLI prints it as one 'config error' line instead of a traceback
+    with pytest.raises(ConfigError, match="no reward: set reward.functions and/or reward.model"):
+        build_scorer(RewardConfig())
